@@ -1,0 +1,352 @@
+"""Moves x86_64 register groups between the register cache and KVM.
+
+The cache knows groups and registers; this module knows ioctls. It turns the
+catalog's field locators into accessors on the kernel structs (conversions
+happen only here), fetches a group into its local copy, and writes dirty
+groups back in FLUSH_ORDER with as few transfers as KVM allows.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ...kvm import KvmError, Vcpu
+from ...kvm import structs as s
+from ...regdefs import Catalog, Group, Register
+from .catalog import CATALOG, SEG_ATTR_FIELDS
+
+Getter = Callable[[Any], int]
+Setter = Callable[[Any, int], None]
+
+# The order dirty groups reach the kernel (Firecracker's restore order, checked
+# against api.rst), with the reason each stands where it does:
+FLUSH_ORDER: tuple[str, ...] = (
+    # MP_STATE first: KVM_SET_MP_STATE can latch INIT/SIPI work that the run
+    # would otherwise apply on top of the registers written below.
+    "MP_STATE",
+    # XSAVE/XCRS/DEBUGREGS are checked against the vCPU's CPUID, not against
+    # CR4 or EFER, so they may precede the control registers.
+    "XSAVE", "XCRS", "DEBUGREGS",
+    "REGS",
+    # SREGS holds apic_base: the LAPIC page is interpreted in the APIC mode
+    # (xAPIC/x2APIC) that apic_base selects, so SREGS goes before LAPIC.
+    "SREGS",
+    "LAPIC",
+    # MSRs after LAPIC: a TSC_DEADLINE write only arms the timer when the LVT
+    # timer is already in TSC-deadline mode. Both MSR groups go in one
+    # KVM_SET_MSRS, TSC before TSC_DEADLINE (the deadline is relative to it).
+    "MSRS", "MSRS_TIME",
+    # Events last: SET_SREGS/SET_LAPIC may queue or drop pending events.
+    "EVENTS",
+)
+# Within the single KVM_SET_MSRS, these indices go last, in this order.
+MSRS_LAST = (0x10, 0x3B, 0x6E0)  # TSC, TSC_ADJUST, TSC_DEADLINE
+
+_SYNC_FLAG = {"REGS": s.KVM_SYNC_X86_REGS, "SREGS": s.KVM_SYNC_X86_SREGS,
+              "EVENTS": s.KVM_SYNC_X86_EVENTS}
+# KVM_SET_VCPU_EVENTS only touches these fields when their valid-flag is set:
+# the kernel changes them on its own, so they are written only when dirty.
+_EVENT_VALID_FLAG = {"nmi.pending": s.KVM_VCPUEVENT_VALID_NMI_PENDING,
+                     "sipi_vector": s.KVM_VCPUEVENT_VALID_SIPI_VECTOR,
+                     "interrupt.shadow": s.KVM_VCPUEVENT_VALID_SHADOW}
+XSTATE_BV_OFFSET = 512   # XSAVE header: which components the area holds
+XSTATE_X87_SSE = 0b11
+
+
+class FlushError(Exception):
+    """KVM refused a group. ``written`` lists the groups that did reach the kernel."""
+
+    def __init__(self, group: str, registers: list[str], cause: KvmError,
+                 written: list[str]) -> None:
+        self.group, self.registers, self.cause, self.written = group, registers, cause, written
+        super().__init__(f"KVM refused {group} ({', '.join(registers)}): {cause}")
+
+
+# --- accessors built from field locators ---------------------------------------------
+def _segattr_get(seg: str) -> Getter:
+    def get(l: Any) -> int:
+        sg = getattr(l, seg)
+        return sum(getattr(sg, f) << sh for f, sh, _ in SEG_ATTR_FIELDS)
+    return get
+
+
+def _segattr_set(seg: str) -> Setter:
+    def set_(l: Any, v: int) -> None:
+        sg = getattr(l, seg)
+        for f, sh, w in SEG_ATTR_FIELDS:
+            setattr(sg, f, (v >> sh) & ((1 << w) - 1))
+    return set_
+
+
+def _bytes_get(off: int, n: int) -> Getter:
+    return lambda l: int.from_bytes(l[off:off + n], "little")
+
+
+def _bytes_set(off: int, n: int) -> Setter:
+    def set_(l: Any, v: int) -> None:
+        l[off:off + n] = v.to_bytes(n, "little")
+    return set_
+
+
+def _lapic256_get(off: int) -> Getter:
+    return lambda l: sum(int.from_bytes(l[off + 0x10 * i:off + 0x10 * i + 4], "little") << (32 * i)
+                         for i in range(8))
+
+
+def _lapic256_set(off: int) -> Setter:
+    def set_(l: Any, v: int) -> None:
+        for i in range(8):
+            l[off + 0x10 * i:off + 0x10 * i + 4] = ((v >> (32 * i)) & 0xFFFFFFFF).to_bytes(4, "little")
+    return set_
+
+
+def _xcr_get(n: int) -> Getter:
+    def get(l: s.kvm_xcrs) -> int:
+        for i in range(l.nr_xcrs):
+            if l.xcrs[i].xcr == n:
+                return l.xcrs[i].value
+        return 0
+    return get
+
+
+def _xcr_set(n: int) -> Setter:
+    def set_(l: s.kvm_xcrs, v: int) -> None:
+        for i in range(l.nr_xcrs):
+            if l.xcrs[i].xcr == n:
+                l.xcrs[i].value = v
+                return
+        l.xcrs[l.nr_xcrs].xcr, l.xcrs[l.nr_xcrs].value = n, v
+        l.nr_xcrs += 1
+    return set_
+
+
+def _attr_set(path: str) -> Setter:
+    *parents, last = path.split(".")
+    def set_(l: Any, v: int) -> None:
+        for p in parents:
+            l = getattr(l, p)
+        setattr(l, last, v)
+    return set_
+
+
+def accessors(reg: Register) -> tuple[Getter, Setter]:
+    """(get, set) on the group's local copy for one catalog register."""
+    kind, _, rest = reg.field.partition(":")
+    if not rest:                                   # plain struct field: rax, cr0, dr7, mp_state
+        return operator.attrgetter(kind), _attr_set(kind)
+    if kind == "seg":
+        seg, f = rest.split(":")
+        return operator.attrgetter(f"{seg}.{f}"), _attr_set(f"{seg}.{f}")
+    if kind == "segattr":
+        return _segattr_get(rest), _segattr_set(rest)
+    if kind == "dt":
+        t, f = rest.split(":")
+        return operator.attrgetter(f"{t}.{f}"), _attr_set(f"{t}.{f}")
+    if kind == "ev":
+        return operator.attrgetter(rest), _attr_set(rest)
+    if kind == "xsave":
+        off, n = int(rest), (reg.width + 7) // 8
+        return _bytes_get(off, n), _bytes_set(off, n)
+    if kind == "xcr":
+        return _xcr_get(int(rest)), _xcr_set(int(rest))
+    if kind == "db":
+        i = int(rest)
+        return (lambda l: l.db[i]), (lambda l, v: l.db.__setitem__(i, v))
+    if kind == "lapic":
+        off = int(rest, 16)
+        if reg.width == 256:
+            return _lapic256_get(off), _lapic256_set(off)
+        return _bytes_get(off, 4), _bytes_set(off, 4)
+    if kind == "msr":
+        idx = int(rest, 16)
+        def get_msr(l: dict[int, int]) -> int:
+            try:
+                return l[idx]
+            except KeyError:
+                raise KeyError(f"MSR {idx:#x} ({reg.name}) is not supported by this host") from None
+        return get_msr, (lambda l, v: l.__setitem__(idx, v))
+    raise ValueError(f"{reg.name}: unknown field locator {reg.field!r}")
+
+
+@dataclass
+class MsrBatch:
+    """The MSR indices one MSR group fetches (catalog ∩ what KVM saves, plus extras)."""
+    indices: list[int]
+
+
+class KvmTransport:
+    """Group transfers for one vCPU. ``use_sync_regs`` picks the kvm_run path."""
+
+    catalog: Catalog = CATALOG
+
+    def __init__(self, vcpu: Vcpu, *, use_sync_regs: bool, supported_msrs: set[int]) -> None:
+        self.vcpu = vcpu
+        self.run = vcpu.run_page
+        self.use_sync_regs = use_sync_regs
+        g = self.catalog.group_by_name
+        self.sync_mask = sum(g[n].bit for n in _SYNC_FLAG) if use_sync_regs else 0
+        if use_sync_regs:
+            # Ask KVM to hand these back after every exit.
+            self.run.kvm_valid_regs = sum(_SYNC_FLAG.values())
+            sync = self.run.s.regs
+            self._locals: dict[str, Any] = {"REGS": sync.regs, "SREGS": sync.sregs,
+                                            "EVENTS": sync.events}
+        else:
+            self._locals = {"REGS": s.kvm_regs(), "SREGS": s.kvm_sregs(),
+                            "EVENTS": s.kvm_vcpu_events()}
+        self._locals |= {"XSAVE": bytearray(vcpu.xsave2_size or 4096), "XCRS": s.kvm_xcrs(),
+                         "DEBUGREGS": s.kvm_debugregs(), "LAPIC": bytearray(s.KVM_APIC_REG_SIZE),
+                         "MP_STATE": s.kvm_mp_state(), "MSRS": {}, "MSRS_TIME": {}}
+        self.msr_batches = {
+            name: MsrBatch([int(r.field[4:], 16) for r in self.catalog.registers_of(name)
+                            if int(r.field[4:], 16) in supported_msrs])
+            for name in ("MSRS", "MSRS_TIME")}
+        self.deferred = 0  # group bits written through kvm_dirty_regs, applied by the next KVM_RUN
+
+    def local(self, group: Group) -> Any:
+        return self._locals[group.name]
+
+    accessors = staticmethod(accessors)
+
+    def add_register(self, reg: Register) -> None:
+        """Let the MSRS batch carry an MSR the catalog does not name."""
+        index = int(reg.field[4:], 16)
+        if index not in self.msr_batches[reg.group].indices:
+            self.msr_batches[reg.group].indices.append(index)
+
+    # --- fetch -----------------------------------------------------------------------
+    def fetch(self, group: Group) -> None:
+        """Refresh the group's local copy from KVM (one ioctl)."""
+        name, local, v = group.name, self._locals[group.name], self.vcpu
+        if name == "REGS":
+            v.get_regs(local)
+        elif name == "SREGS":
+            v.get_sregs(local)
+        elif name == "EVENTS":
+            v.get_vcpu_events(local)
+        elif name == "XSAVE":
+            v.get_xsave(local)
+        elif name == "XCRS":
+            v.get_xcrs(local)
+        elif name == "DEBUGREGS":
+            v.get_debugregs(local)
+        elif name == "LAPIC":
+            v.get_lapic(local)
+        elif name == "MP_STATE":
+            local.mp_state = v.get_mp_state()
+        elif name in self.msr_batches:
+            idx = self.msr_batches[name].indices
+            local.clear()
+            local.update(zip(idx, v.get_msrs(idx)) if idx else ())
+        else:  # pragma: no cover - catalog and transport out of step
+            raise KeyError(name)
+
+    # --- store -----------------------------------------------------------------------
+    def store(self, dirty: dict[str, dict[Register, int]], held: int, allow_defer: bool,
+              set_fn: Callable[[Register, Any, int], None]) -> list[tuple[str, bool]]:
+        """Write the dirty groups in FLUSH_ORDER. Returns (group, fetched first) pairs.
+
+        ``held``: groups whose local copy is current apart from dirty overlays;
+        others are fetched fresh first and the dirty values overlaid (set_fn).
+        Volatile whole-struct groups are always fetched fresh: see _store_lapic.
+        Sync groups are deferred into kvm_dirty_regs when allow_defer and no
+        later group in FLUSH_ORDER is written by ioctl.
+        """
+        names = [n for n in FLUSH_ORDER if n in dirty]
+        last_ioctl = max((i for i, n in enumerate(names) if n not in _SYNC_FLAG
+                          or not (allow_defer and self.use_sync_regs)), default=-1)
+        written: list[tuple[str, bool]] = []
+        msr_items: list[tuple[int, int]] = []
+        msr_groups: list[str] = []
+        for i, name in enumerate(names):
+            group = self.catalog.group_by_name[name]
+            regs = dirty[name]
+            local = self._locals[name]
+            try:
+                if name in ("MSRS", "MSRS_TIME"):
+                    # Coalesced: one KVM_SET_MSRS after both groups are gathered.
+                    msr_items += [(int(r.field[4:], 16), val) for r, val in regs.items()]
+                    msr_groups.append(name)
+                    nxt = names[i + 1] if i + 1 < len(names) else None
+                    if nxt in ("MSRS", "MSRS_TIME"):
+                        continue
+                    msr_items.sort(key=lambda it: MSRS_LAST.index(it[0]) + 1
+                                   if it[0] in MSRS_LAST else 0)
+                    self.vcpu.set_msrs(msr_items)
+                    written += [(g, False) for g in msr_groups]
+                    continue
+                fetched = False
+                if name == "MP_STATE":
+                    self.vcpu.set_mp_state(local.mp_state)
+                elif name == "LAPIC":
+                    self._store_lapic(regs, set_fn)
+                    fetched = True
+                else:
+                    if not held & group.bit:
+                        self.fetch(group)
+                        fetched = True
+                        for r, val in regs.items():
+                            set_fn(r, local, val)
+                    if name == "EVENTS":
+                        local.flags = sum(_EVENT_VALID_FLAG.get(r.name, 0) for r in regs)
+                    if name == "XSAVE":
+                        bv = int.from_bytes(local[XSTATE_BV_OFFSET:XSTATE_BV_OFFSET + 8], "little")
+                        local[XSTATE_BV_OFFSET:XSTATE_BV_OFFSET + 8] = \
+                            (bv | XSTATE_X87_SSE).to_bytes(8, "little")
+                    if name in _SYNC_FLAG and i > last_ioctl:
+                        self.run.kvm_dirty_regs |= _SYNC_FLAG[name]
+                        self.deferred |= group.bit
+                    else:
+                        self._set_by_ioctl(name, local)
+            except KvmError as e:
+                failed = msr_groups if name in ("MSRS", "MSRS_TIME") else [name]
+                regs_named = [r.name for g in failed for r in dirty[g]]
+                raise FlushError("+".join(failed), regs_named, e,
+                                 [n for n, _ in written]) from None
+            written.append((name, fetched))
+        return written
+
+    def _set_by_ioctl(self, name: str, local: Any) -> None:
+        v = self.vcpu
+        {"REGS": v.set_regs, "SREGS": v.set_sregs, "EVENTS": v.set_vcpu_events,
+         "XSAVE": v.set_xsave, "XCRS": v.set_xcrs, "DEBUGREGS": v.set_debugregs}[name](local)
+
+    def _store_lapic(self, regs: dict[Register, int], set_fn: Callable[[Register, Any, int], None]
+                     ) -> None:
+        """KVM only takes the whole LAPIC page, and IRR/ISR/the timer move while the
+        vCPU is stopped: fetch it fresh, overlay only the dirty registers, write.
+
+        Window: an interrupt the in-kernel LAPIC accepts between the GET and the
+        SET is overwritten by the SET. It is two back-to-back ioctls on the vCPU's
+        own thread, so only a device interrupt or IPI from another thread arriving
+        in those microseconds can hit it; QEMU's whole-state write-back has the
+        same window widened to the time since the last fetch.
+        """
+        local = self._locals["LAPIC"]
+        self.vcpu.get_lapic(local)
+        for r, val in regs.items():
+            set_fn(r, local, val)
+        self.vcpu.set_lapic(local)
+
+    def detach(self) -> dict[str, Any]:
+        """Before the kvm_run page is unmapped: move sync groups to private copies."""
+        if self.use_sync_regs:
+            for name, cls in (("REGS", s.kvm_regs), ("SREGS", s.kvm_sregs),
+                              ("EVENTS", s.kvm_vcpu_events)):
+                self._locals[name] = cls.from_buffer_copy(self._locals[name])
+            self.use_sync_regs = False
+            self.sync_mask = 0
+        return self._locals
+
+    def cancel_deferred(self) -> int:
+        """Forget sync groups queued in kvm_dirty_regs (discard, or a failed run)."""
+        bits, self.deferred = self.deferred, 0
+        self.run.kvm_dirty_regs = 0
+        return bits
+
+    def after_run(self) -> int:
+        """After KVM_RUN returned: the groups KVM handed back in the kvm_run page."""
+        self.deferred = 0
+        return self.sync_mask

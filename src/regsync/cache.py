@@ -1,0 +1,292 @@
+"""The register cache: lazy, dirty-tracked vCPU state.
+
+Theory of operation
+-------------------
+KVM owns a vCPU's registers; a VMM keeps a local copy. Crossing into the kernel
+costs a syscall, and part of the kernel's state moves on its own while the vCPU
+sits outside KVM_RUN (LAPIC timer/IRR, MP_STATE on INIT/SIPI, pending NMIs,
+the TSC). The cache keeps the copy honest with two sets of bits, as Linux's
+kvm_cache_regs.h does:
+
+* ``held`` (per group): the local copy of the group is current as of its fetch,
+  apart from registers that are dirty.
+* ``dirty`` (per register, kept per group): changed locally, not yet in KVM.
+
+Rules (shared/DESIGN.md):
+1. A read returns the newest value: a dirty register, or a held group, answers
+   locally; otherwise its group is fetched and the dirty registers of that group
+   are laid back over the fetched copy (a fetch never overwrites an edit).
+2. A write makes the register dirty (and its value local). Reads never dirty.
+3. Before the vCPU runs, dirty registers reach KVM, coalesced per group in the
+   transport's order; nothing that is not dirty is written.
+4. Volatile whole-struct groups are fetched fresh at flush and overlaid (the
+   transport documents the remaining window beside the code).
+5. synchronize(mask) fetches ``mask & ~held`` keeping every edit; asking for less
+   than is held is a no-op. This is the seed's synchronize_state with its
+   data-integrity bug fixed: widening the level never loses local edits.
+6. After KVM_RUN, held = the groups KVM handed back in the kvm_run page.
+7. A flush with nothing dirty, or a read of a held register, costs no syscall.
+8. If KVM refuses a write, the vCPU does not run, RegisterWriteError names the
+   group and registers, and the dirty values stay (correct them or discard()).
+9. Transfers happen on the vCPU's own thread (``owner``); others use run_on_cpu.
+
+Groups whose fetch has side effects (KVM_GET_MP_STATE processes a pending
+INIT/SIPI) list the groups they make stale. Before such a fetch the cache
+flushes the dirty registers of those groups (by ioctl, as the run would have),
+then fetches and drops ``held`` for them, so a later read sees the kernel's new
+state and no edit is silently dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from .regdefs import Catalog, Group, Register
+
+
+class RegisterWriteError(Exception):
+    """KVM refused a write. The dirty values stay in the cache."""
+
+    def __init__(self, group: str, registers: list[str], cause: Exception) -> None:
+        self.group, self.registers, self.cause = group, registers, cause
+        super().__init__(f"KVM refused the write of group {group} "
+                         f"(dirty: {', '.join(registers)}): {cause}; the values stay in the "
+                         f"cache: correct them or discard()")
+
+
+class WrongThreadError(RuntimeError):
+    """A kernel transfer was attempted off the vCPU's own thread (use run_on_cpu)."""
+
+
+class Transport(Protocol):
+    catalog: Catalog
+    sync_mask: int
+    deferred: int
+
+    def local(self, group: Group) -> Any: ...
+    def fetch(self, group: Group) -> None: ...
+    def store(self, dirty: dict[str, dict[Register, int]], held: int, allow_defer: bool,
+              set_fn: Callable[[Register, Any, int], None]) -> list[tuple[str, bool]]: ...
+    def cancel_deferred(self) -> int: ...
+    def after_run(self) -> int: ...
+    def accessors(self, reg: Register) -> tuple[Callable[[Any], int], Callable[[Any, int], None]]: ...
+    def add_register(self, reg: Register) -> None: ...
+
+
+@dataclass
+class CacheStats:
+    """What the cache did, and what it saved."""
+    fetches: Counter[str] = field(default_factory=Counter)       # group -> kernel fetches
+    writes: Counter[str] = field(default_factory=Counter)        # group -> kernel writes
+    deferred_writes: Counter[str] = field(default_factory=Counter)  # via kvm_dirty_regs
+    local_reads: int = 0          # reads answered without a syscall
+    fetches_avoided: int = 0      # synchronize() requests already satisfied
+    writes_avoided: int = 0       # fetched groups not written back because unchanged
+    exits: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"exits": self.exits, "fetches": dict(self.fetches), "writes": dict(self.writes),
+                "deferred_writes": dict(self.deferred_writes), "local_reads": self.local_reads,
+                "fetches_avoided": self.fetches_avoided, "writes_avoided": self.writes_avoided}
+
+
+class RegisterCache:
+    """Per-vCPU cache over a transport. See the module docstring for the rules."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.catalog = transport.catalog
+        self.groups = self.catalog.groups
+        self.held = 0
+        self.dirty_mask = 0
+        self.dirty: dict[str, dict[Register, int]] = {g.name: {} for g in self.groups}
+        self.locals: dict[str, Any] = {g.name: transport.local(g) for g in self.groups}
+        self._get: dict[Register, Callable[[Any], int]] = {}
+        self._set: dict[Register, Callable[[Any, int], None]] = {}
+        self.stats = CacheStats()
+        self.owner: int | None = None      # thread ident allowed to transfer; None = any
+        self._fetched_since_run = 0
+        self._in_flight: dict[str, dict[Register, int]] = {}
+        for reg in self.catalog.registers:
+            self._get[reg], self._set[reg] = transport.accessors(reg)
+
+    # --- accessors ----------------------------------------------------------------
+
+    def add_register(self, reg: Register) -> None:
+        """A register outside the catalog (an MSR by index): next read fetches it."""
+        self._get[reg], self._set[reg] = self.transport.accessors(reg)
+        self.transport.add_register(reg)
+        self.held &= ~self.catalog.group_by_name[reg.group].bit
+
+    def _check_thread(self) -> None:
+        if self.owner is not None and threading.get_ident() != self.owner:
+            raise WrongThreadError("register transfers must run on the vCPU's thread: "
+                                   "use machine.run_on_cpu(vcpu, fn)")
+
+    def read(self, reg: Register) -> int:
+        g = self.catalog.group_by_name[reg.group]
+        if self.held & g.bit or reg in self.dirty[g.name]:
+            self.stats.local_reads += 1
+        else:
+            self._fetch(g)
+        return self._get[reg](self.locals[g.name])
+
+    def write(self, reg: Register, value: int) -> None:
+        if not isinstance(value, int):
+            raise TypeError(f"{reg.name}: register values are ints, got {type(value).__name__}")
+        if value < 0:
+            if value < -(1 << (reg.width - 1)):
+                raise ValueError(f"{reg.name}: {value} does not fit in {reg.width} bits")
+            value &= reg.mask
+        elif value > reg.mask:
+            raise ValueError(f"{reg.name}: {value:#x} does not fit in {reg.width} bits")
+        g = self.catalog.group_by_name[reg.group]
+        self._set[reg](self.locals[g.name], value)
+        self.dirty[g.name][reg] = value
+        self.dirty_mask |= g.bit
+
+    # --- fetch ----------------------------------------------------------------------
+    def _fetch(self, g: Group) -> None:
+        self._check_thread()
+        stale = self.catalog.group_mask(*g.invalidates)
+        if stale & self.dirty_mask:
+            self.flush(stale, allow_defer=False)
+        if (stale | g.bit) & self.transport.deferred:
+            # Writes queued in kvm_dirty_regs would land after this fetch (and a
+            # fetch into the kvm_run page would overwrite them): write them now.
+            self._undefer(ioctl=True)
+        self.transport.fetch(g)
+        local = self.locals[g.name]
+        for reg, val in self.dirty[g.name].items():
+            self._set[reg](local, val)
+        self.held = (self.held & ~stale) | g.bit
+        self._fetched_since_run |= g.bit
+        self.stats.fetches[g.name] += 1
+
+    def synchronize(self, mask: int) -> None:
+        """Make every register in ``mask`` (groups or a level) held or dirty."""
+        todo = mask & ~self.held
+        if not todo:
+            self.stats.fetches_avoided += 1
+            return
+        # Groups with fetch side effects first, so later fetches see their result.
+        for g in sorted(self.catalog.groups_in(todo), key=lambda g: not g.invalidates):
+            if not self.held & g.bit:
+                self._fetch(g)
+
+    # --- flush ----------------------------------------------------------------------
+    def flush(self, mask: int = -1, *, allow_defer: bool = True) -> None:
+        """Write dirty registers (of groups in mask) to KVM. Zero syscalls when clean."""
+        todo = self.dirty_mask & mask
+        if not todo:
+            return
+        self._check_thread()
+        dirty = {g.name: self.dirty[g.name] for g in self.groups if g.bit & todo}
+        try:
+            written = self.transport.store(dirty, self.held, allow_defer, self._overlay)
+        except Exception as e:
+            for name in getattr(e, "written", ()):
+                self._clean(name)
+            if hasattr(e, "group"):
+                raise RegisterWriteError(e.group, e.registers, e.cause) from None  # type: ignore[attr-defined]
+            raise
+        for name, fetched in written:
+            if fetched:
+                self.stats.fetches[name] += 1
+            bit = self.catalog.group_by_name[name].bit
+            if self.transport.deferred & bit:
+                self._in_flight[name] = self._in_flight.get(name, {}) | self.dirty[name]
+                self.dirty[name] = {}
+                self.dirty_mask &= ~bit
+                self.stats.deferred_writes[name] += 1
+            else:
+                self._clean(name)
+            self.held |= bit
+
+    def _overlay(self, reg: Register, local: Any, value: int) -> None:
+        self._set[reg](local, value)
+
+    def _clean(self, name: str) -> None:
+        bit = self.catalog.group_by_name[name].bit
+        if self.dirty[name]:
+            self.stats.writes[name] += 1
+        self.dirty[name] = {}
+        self.dirty_mask &= ~bit
+
+    def _undefer(self, ioctl: bool) -> None:
+        """Take back writes queued in kvm_dirty_regs; optionally write them by ioctl."""
+        self.transport.cancel_deferred()
+        for name, regs in self._in_flight.items():
+            merged = regs | self.dirty[name]
+            self.dirty[name] = merged
+            for reg, val in merged.items():
+                self._set[reg](self.locals[name], val)
+            self.dirty_mask |= self.catalog.group_by_name[name].bit
+        self._in_flight.clear()
+        if ioctl:
+            self.flush(allow_defer=False)
+
+    # --- around KVM_RUN -------------------------------------------------------------
+    def before_run(self) -> None:
+        self.flush()
+        self.stats.writes_avoided += (self._fetched_since_run & ~self.transport.deferred).bit_count()
+
+    def after_run(self) -> None:
+        """KVM_RUN returned (an exit or EINTR): only what KVM handed back is held."""
+        self.held = self.transport.after_run()
+        self._fetched_since_run = 0
+        self.stats.exits += 1
+        if self._in_flight:
+            for name in self._in_flight:
+                self.stats.writes[name] += 1
+            self._in_flight.clear()
+
+    def run_failed(self) -> None:
+        """KVM_RUN refused the queued sync writes: find the group by writing each by ioctl.
+
+        Raises RegisterWriteError naming it; the values stay dirty.
+        """
+        self.held &= ~self.transport.sync_mask
+        self._undefer(ioctl=True)
+
+    def discard(self, mask: int = -1) -> None:
+        """Drop local edits (of groups in mask): the kernel's values apply again."""
+        if self._in_flight:
+            self.transport.cancel_deferred()
+            for name, regs in self._in_flight.items():
+                self.dirty[name] = regs | self.dirty[name]
+                self.dirty_mask |= self.catalog.group_by_name[name].bit
+            self._in_flight.clear()
+        for g in self.groups:
+            if g.bit & mask & self.dirty_mask:
+                self.dirty[g.name] = {}
+                self.dirty_mask &= ~g.bit
+                self.held &= ~g.bit   # the local copy still carries the edits
+
+    def invalidate(self, mask: int = -1) -> None:
+        """Forget what is held (the kernel state changed behind the cache, e.g. a reset)."""
+        self.held &= ~mask
+
+    def dirty_registers(self) -> list[str]:
+        return [r.name for d in self.dirty.values() for r in d]
+
+
+def write_whole_groups(cache: RegisterCache, mask: int) -> None:
+    """Mark every register of the groups in mask dirty with its local value, then flush.
+
+    This is how the comparison strategies write back whole structs (stale
+    volatile fields included); regsync itself never calls it.
+    """
+    for g in cache.catalog.groups_in(mask):
+        local = cache.locals[g.name]
+        regs = [r for r in cache._get if r.group == g.name]
+        for r in regs:
+            try:
+                cache.dirty[g.name][r] = cache._get[r](local)
+            except KeyError:        # an MSR the host does not have
+                continue
+        cache.dirty_mask |= g.bit
+    cache.flush(mask, allow_defer=False)

@@ -1,0 +1,76 @@
+"""The one choke point every KVM ioctl passes through.
+
+It counts calls per ioctl name (benchmarks and ``--stats`` read these
+counters) and turns a failure into a KvmError naming the ioctl, the object
+and errno. KVM_RUN goes through libc's ioctl via ctypes with use_errno: since
+PEP 475 fcntl.ioctl retries on EINTR, which would make a vCPU unkickable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_mod
+import fcntl
+import os
+from collections import Counter
+from typing import Any
+
+from .ioctls import Ioctl
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_ioctl = _libc.ioctl
+_libc_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
+_libc_ioctl.restype = ctypes.c_int
+
+
+class KvmError(OSError):
+    """An ioctl failed. Keeps errno; says which ioctl on which object."""
+
+    def __init__(self, ioctl: str, obj: str, err: int, detail: str = "") -> None:
+        self.ioctl = ioctl
+        self.obj = obj
+        msg = f"{ioctl} on {obj} failed: [Errno {err}] {os.strerror(err)}"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(err, msg)
+
+    def __str__(self) -> str:
+        return self.args[1]
+
+
+class KvmUnavailable(RuntimeError):
+    """/dev/kvm is missing or unusable on this machine."""
+
+
+class Counters(Counter[str]):
+    """ioctl name -> calls. One per handle; Counter arithmetic sums them."""
+
+
+def ioctl(fd: int, obj: str, op: Ioctl, arg: Any, counters: Counters) -> int:
+    """Issue op on fd. arg: an int, or a ctypes object the kernel reads/writes in place."""
+    counters[op.name] += 1
+    if not isinstance(arg, int):
+        try:
+            return fcntl.ioctl(fd, op.number, arg, True)
+        except OSError as e:
+            raise KvmError(op.name, obj, e.errno or errno_mod.EIO) from None
+    # Integer arguments are unsigned long in the kernel (fcntl.ioctl takes a C int).
+    while True:
+        ret = _libc_ioctl(fd, op.number, arg)
+        if ret >= 0:
+            return ret
+        err = ctypes.get_errno()
+        if err != errno_mod.EINTR:
+            raise KvmError(op.name, obj, err)
+
+
+def ioctl_interruptible(fd: int, obj: str, op: Ioctl, counters: Counters) -> int:
+    """KVM_RUN: returns -EINTR as a value (0 on success) instead of retrying."""
+    counters[op.name] += 1
+    ret = _libc_ioctl(fd, op.number, 0)
+    if ret < 0:
+        err = ctypes.get_errno()
+        if err == errno_mod.EINTR:
+            return -err
+        raise KvmError(op.name, obj, err)
+    return ret

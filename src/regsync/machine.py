@@ -1,0 +1,206 @@
+"""The VM: /dev/kvm, the VM fd, guest memory, vCPUs, guest loading.
+
+    with Machine(mem_mb=64, smp=2) as m:
+        m.load("hello")
+        ex = m.vcpus[0].run()          # one entry into the guest, a typed exit
+
+Threads, devices and the exit dispatch loop live in vmm.py, built on this.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .arch.x86_64 import boot
+from .guests import GUESTS, load_image, parse_header
+from .kvm import System
+from .kvm import structs as ks
+from .memory import GuestMemory, GuestMemoryError, elf_segments, load_segments
+from .vcpu import Vcpu
+
+TSS_ADDR = 0xFFFBD000          # three pages KVM needs below 4 GiB (VMX real-mode TSS)
+IDENTITY_MAP_ADDR = 0xFFFBC000
+MULTIBOOT_MAGIC = 0x2BADB002
+MULTIBOOT_INFO = 0x600          # a minimal multiboot info (flags = mem_lower/upper)
+BOOT_ARG = boot.BOOT_INFO + 0x10
+COMPARISON_STRATEGIES = ("eager", "qemu2012", "qemu")
+
+
+@dataclass(frozen=True)
+class LoadedGuest:
+    name: str
+    entry: int
+    mode: str            # "long", "protected" or "real"
+    end: int             # first byte past the image (bss included)
+
+
+class Machine:
+    """Owns /dev/kvm, the VM and its memory; a context manager (close is idempotent)."""
+
+    def __init__(self, *, mem_mb: int = 64, smp: int = 1, irqchip: bool = True,
+                 strategy: str = "regsync", sync_regs: bool | None = None) -> None:
+        if not 1 <= mem_mb <= 3072:
+            raise ValueError(f"mem_mb={mem_mb}: must be 1..3072 (RAM sits below the 4 GiB hole)")
+        if smp < 1:
+            raise ValueError(f"smp={smp}: need at least one vCPU")
+        self.kvm = System()
+        self.closed = False   # from here on close() has something to release
+        try:
+            self.vm = self.kvm.create_vm()
+            self.vm.set_tss_addr(TSS_ADDR)
+            self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+            self.irqchip = irqchip
+            if irqchip:
+                self.vm.create_irqchip()
+                self.vm.create_pit2()
+            self.memory = GuestMemory(self.vm)
+            self.memory.add_slot(0, mem_mb << 20)
+            self.strategy = strategy
+            has_sync = bool(self.kvm.check_extension("SYNC_REGS"))
+            if sync_regs is None:
+                # The comparison strategies model VMMs that do not use SYNC_REGS.
+                sync_regs = has_sync and strategy not in COMPARISON_STRATEGIES
+            elif sync_regs and not has_sync:
+                raise ValueError("sync_regs=True but this KVM lacks KVM_CAP_SYNC_REGS")
+            self.sync_regs = sync_regs
+            self.max_vcpus = self.kvm.check_extension("MAX_VCPUS") or \
+                self.kvm.check_extension("NR_VCPUS")
+            if smp > self.max_vcpus:
+                raise ValueError(f"smp={smp}: this KVM allows at most {self.max_vcpus} vCPUs")
+            self._cpuid = self.kvm.supported_cpuid()
+            self.supported_msrs = set(self.kvm.msr_index_list())
+            self.vcpus: list[Vcpu] = []
+            for _ in range(smp):
+                self.add_vcpu()
+        except BaseException:
+            self.close()
+            raise
+        self.guest: LoadedGuest | None = None
+
+    # --- vCPUs -------------------------------------------------------------------------
+    def add_vcpu(self) -> Vcpu:
+        """Create the next vCPU (id = len(vcpus)) with KVM's supported CPUID."""
+        vid = len(self.vcpus)
+        handle = self.vm.create_vcpu(vid)
+        try:
+            handle.set_cpuid2(self._cpuid_for(vid))
+            vcpu = Vcpu(handle, strategy=self.strategy, use_sync_regs=self.sync_regs,
+                        supported_msrs=self.supported_msrs)
+        except BaseException:
+            handle.close()
+            raise
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def _cpuid_for(self, vid: int) -> object:
+        src = self._cpuid
+        buf = ks.cpuid_buffer(src.nent)
+        for i in range(src.nent):
+            e = buf.entries[i]
+            ks.ctypes.memmove(ks.ctypes.addressof(e), ks.ctypes.addressof(src.entries[i]),
+                              ks.ctypes.sizeof(e))
+            if e.function == 1:                       # initial APIC id
+                e.ebx = (e.ebx & 0x00FFFFFF) | (vid << 24)
+            elif e.function in (0xB, 0x1F):           # x2APIC id
+                e.edx = vid
+        return buf
+
+    # --- guests ------------------------------------------------------------------------
+    def load(self, guest: str | os.PathLike[str], *, arg: int = 0, mode: str = "auto",
+             addr: int = 0x100000) -> LoadedGuest:
+        """Load a bundled guest by name, or an ELF/multiboot/flat image by path, and put
+        vCPU 0 at its entry (long mode when the image has a 64-bit entry).
+
+        ``arg`` is the guest argument in the boot info (e.g. the hypercall count).
+        For a flat image without a header, ``mode`` picks "long" (default),
+        "protected" or "real", entering at ``addr``.
+        """
+        if mode not in ("auto", "long", "protected", "real"):
+            raise ValueError(f"mode={mode!r}: one of auto, long, protected, real")
+        name = str(guest)
+        if name in GUESTS:
+            image = load_image(name)
+        else:
+            path = Path(guest)
+            if not path.is_file():
+                known = ", ".join(sorted(GUESTS))
+                raise FileNotFoundError(f"{name}: no such guest image (bundled guests: {known})")
+            image = path.read_bytes()
+        ncpus = len(self.vcpus)
+        boot.write_boot_tables(self.memory, ncpus, self.memory.size)
+        self.memory.write_u64(BOOT_ARG, arg)
+        if image[:4] == b"\x7fELF":
+            entry, segs = elf_segments(image)
+            load_segments(self.memory, segs)
+            end = max((s.gpa + s.memsz for s in segs), default=entry)
+            loaded = LoadedGuest(name, entry, "long" if mode == "auto" else mode, end)
+        else:
+            try:
+                hdr = parse_header(image)
+            except ValueError:
+                hdr = None
+            if hdr is not None:
+                off = getattr(hdr, 'file_offset', 0)
+                data = image[off:][: max(0, hdr.load_end - hdr.load_addr)] \
+                    if hdr.load_end else image[off:]
+                self.memory.write(hdr.load_addr, data)
+                end = max(hdr.bss_end, hdr.load_addr + len(data))
+                if end > hdr.load_addr + len(data):
+                    self.memory.write(hdr.load_addr + len(data), bytes(end - hdr.load_addr - len(data)))
+                if hdr.entry64 is not None and mode in ("auto", "long"):
+                    loaded = LoadedGuest(name, hdr.entry64, "long", end)
+                else:
+                    loaded = LoadedGuest(name, hdr.entry32, "protected", end)
+            else:
+                self.memory.write(addr, image)
+                loaded = LoadedGuest(name, addr, "long" if mode == "auto" else mode,
+                                     addr + len(image))
+        self._enter(loaded)
+        self.guest = loaded
+        return loaded
+
+    def _enter(self, g: LoadedGuest) -> None:
+        regs = self.vcpus[0].regs
+        if g.mode == "long":
+            state = boot.long_mode_state(g.entry)
+        elif g.mode == "protected":
+            # multiboot hand-off: EAX magic, EBX -> info with mem_lower/mem_upper.
+            mem_upper_kb = max(0, (self.memory.size >> 10) - 1024)
+            self.memory.write(MULTIBOOT_INFO, (1).to_bytes(4, "little") + (640).to_bytes(4, "little")
+                              + mem_upper_kb.to_bytes(4, "little"))
+            state = boot.protected_mode_state(g.entry, MULTIBOOT_MAGIC, MULTIBOOT_INFO)
+        else:
+            state = boot.real_mode_state(g.entry)
+        for name, value in state.items():
+            regs[name] = value
+
+    def reload(self) -> None:
+        """Zero RAM and load the same guest again (used by reset)."""
+        if self.guest is None:
+            raise RuntimeError("reload(): no guest was loaded")
+        self.memory.clear()
+        self.load(self.guest.name)
+
+    # --- lifetime ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Close vCPUs, memory, the VM and /dev/kvm (idempotent; safe after a failed init)."""
+        if self.closed:
+            return
+        self.closed = True
+        for v in getattr(self, "vcpus", ()):
+            v.close()
+        for part in (getattr(self, "memory", None), getattr(self, "vm", None)):
+            if part is not None:
+                part.close()
+        self.kvm.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Machine", "LoadedGuest", "GuestMemoryError"]

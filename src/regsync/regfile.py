@@ -1,0 +1,160 @@
+"""``vcpu.regs``: attribute and item access to every catalog register.
+
+Each register (and alias) becomes a descriptor on a class generated from the
+catalog, so ``regs.rax`` costs one bit test and one C-level attrgetter when the
+group is held. Dotted names are items (``regs["cs.base"]``) and also attributes
+with ``_`` for ``.`` (``regs.cs_base``). Unknown names suggest close ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable
+
+from .cache import RegisterCache
+from .regdefs import Alias, Catalog, Register
+
+
+class _RegisterAttr:
+    __slots__ = ("reg", "bit", "group", "get")
+
+    def __init__(self, reg: Register, bit: int, get: Callable[[Any], int]) -> None:
+        self.reg, self.bit, self.group, self.get = reg, bit, reg.group, get
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        c: RegisterCache = obj._cache
+        if c.held & self.bit:       # hot path: no syscall, no dict lookup of the name
+            return self.get(c.locals[self.group])
+        return c.read(self.reg)
+
+    def __set__(self, obj: Any, value: int) -> None:
+        obj._cache.write(self.reg, value)
+
+
+class _AliasAttr:
+    __slots__ = ("alias", "home")
+
+    def __init__(self, alias: Alias, home: Register) -> None:
+        self.alias, self.home = alias, home
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return obj._cache.read(self.home) << self.alias.shift
+
+    def __set__(self, obj: Any, value: int) -> None:
+        if not isinstance(value, int) or not 0 <= value < (1 << self.alias.width):
+            raise ValueError(f"{self.alias.name}: {value!r} does not fit in {self.alias.width} bits")
+        obj._cache.write(self.home, value >> self.alias.shift)
+
+
+class RegisterFileBase:
+    """Base of the generated class; see make_register_file()."""
+    __slots__ = ("_cache", "_extra")
+    _catalog: Catalog
+    _names: dict[str, Register | Alias]
+    _msr_aliases: dict[int, str] = {}
+    _msr_by_index: dict[int, Register] = {}
+
+    def __init__(self, cache: RegisterCache) -> None:
+        object.__setattr__(self, "_cache", cache)
+        object.__setattr__(self, "_extra", {})
+
+    def _lookup(self, name: str) -> Register | Alias:
+        try:
+            return self._names[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self._names), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise KeyError(f"no register named {name!r}{hint}") from None
+
+    def __getitem__(self, name: str) -> int:
+        entry = self._lookup(name)
+        return getattr(self, _attr_name(entry.name))
+
+    def __setitem__(self, name: str, value: int) -> None:
+        entry = self._lookup(name)
+        setattr(self, _attr_name(entry.name), value)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not registers (descriptors win).
+        close = difflib.get_close_matches(name, [_attr_name(n) for n in self._names], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise AttributeError(f"no register named {name!r}{hint}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not hasattr(type(self), name):
+            self.__getattr__(name)
+        object.__setattr__(self, name, value)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def __dir__(self) -> list[str]:
+        return sorted({_attr_name(n) for n in self._names})
+
+    # --- MSRs by index ------------------------------------------------------------
+    def _msr_register(self, index: int) -> Register:
+        if not 0 <= index < 1 << 32:
+            raise KeyError(f"MSR index {index:#x} is out of range")
+        if index in self._msr_aliases:
+            return self._catalog.by_name[self._msr_aliases[index]]
+        if index in self._msr_by_index:
+            return self._msr_by_index[index]
+        extra: dict[int, Register] = self._extra
+        if index not in extra:
+            reg = Register(f"msr_{index:#x}", 64, "MSRS", f"msr:{index:#x}")
+            self._cache.add_register(reg)
+            extra[index] = reg
+        return extra[index]
+
+    def msr(self, index: int) -> int:
+        """Read MSR ``index`` through the cache (aliases go to their home register)."""
+        return self._cache.read(self._msr_register(index))
+
+    def set_msr(self, index: int, value: int) -> None:
+        self._cache.write(self._msr_register(index), value)
+
+    # --- bulk -------------------------------------------------------------------------
+    def dump(self, mask: int | None = None) -> dict[str, int | None]:
+        """Every register in the groups of mask (default: all), fetched as needed.
+
+        A register the host does not support (an MSR KVM does not save) is None.
+        """
+        cat = self._catalog
+        mask = cat.all_mask if mask is None else mask
+        self._cache.synchronize(mask)
+        out: dict[str, int | None] = {}
+        for reg in cat.registers:
+            if cat.group_by_name[reg.group].bit & mask:
+                try:
+                    out[reg.name] = self._cache.read(reg)
+                except KeyError:
+                    out[reg.name] = None
+        return out
+
+
+def _attr_name(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def make_register_file(catalog: Catalog, getters: dict[Register, Callable[[Any], int]],
+                       msr_aliases: dict[int, str] | None = None,
+                       msr_by_index: dict[int, Register] | None = None) -> type:
+    """A RegisterFileBase subclass with one descriptor per register and alias."""
+    ns: dict[str, Any] = {"__slots__": (), "_catalog": catalog,
+                          "_msr_aliases": msr_aliases or {}, "_msr_by_index": msr_by_index or {}}
+    names: dict[str, Register | Alias] = {}
+    for reg in catalog.registers:
+        bit = catalog.group_by_name[reg.group].bit
+        attr = _RegisterAttr(reg, bit, getters[reg])
+        for n in (reg.name, *reg.aliases):
+            names[n] = reg
+            ns[_attr_name(n)] = attr
+    for alias in catalog.aliases:
+        names[alias.name] = alias
+        ns[_attr_name(alias.name)] = _AliasAttr(alias, catalog.by_name[alias.home])
+    ns["_names"] = names
+    return type(f"{catalog.arch}Registers", (RegisterFileBase,), ns)
