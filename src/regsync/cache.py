@@ -65,6 +65,7 @@ class Transport(Protocol):
     catalog: Catalog
     sync_mask: int
     deferred: int
+    available_mask: int     # groups this vCPU has (LAPIC needs an in-kernel irqchip)
 
     def local(self, group: Group) -> Any: ...
     def fetch(self, group: Group) -> None: ...
@@ -110,6 +111,7 @@ class RegisterCache:
         self.owner: int | None = None      # thread ident allowed to transfer; None = any
         self._fetched_since_run = 0
         self._in_flight: dict[str, dict[Register, int]] = {}
+        self._last_undeferred: list[str] = []
         for reg in self.catalog.registers:
             self._get[reg], self._set[reg] = transport.accessors(reg)
 
@@ -168,7 +170,7 @@ class RegisterCache:
 
     def synchronize(self, mask: int) -> None:
         """Make every register in ``mask`` (groups or a level) held or dirty."""
-        todo = mask & ~self.held
+        todo = mask & ~self.held & self.transport.available_mask
         if not todo:
             self.stats.fetches_avoided += 1
             return
@@ -184,6 +186,11 @@ class RegisterCache:
         if not todo:
             return
         self._check_thread()
+        if self.transport.deferred:
+            # Writes queued in kvm_dirty_regs by an earlier flush rejoin this one, so
+            # FLUSH_ORDER holds across calls and a re-fetch cannot overwrite them.
+            self._undefer(ioctl=False)
+            todo = self.dirty_mask & (mask | self.catalog.group_mask(*self._deferred_names()))
         dirty = {g.name: self.dirty[g.name] for g in self.groups if g.bit & todo}
         try:
             written = self.transport.store(dirty, self.held, allow_defer, self._overlay)
@@ -216,9 +223,13 @@ class RegisterCache:
         self.dirty[name] = {}
         self.dirty_mask &= ~bit
 
+    def _deferred_names(self) -> list[str]:
+        return self._last_undeferred
+
     def _undefer(self, ioctl: bool) -> None:
         """Take back writes queued in kvm_dirty_regs; optionally write them by ioctl."""
         self.transport.cancel_deferred()
+        self._last_undeferred = list(self._in_flight)
         for name, regs in self._in_flight.items():
             merged = regs | self.dirty[name]
             self.dirty[name] = merged
@@ -243,6 +254,19 @@ class RegisterCache:
             for name in self._in_flight:
                 self.stats.writes[name] += 1
             self._in_flight.clear()
+        if self.dirty_mask & self.held:
+            # KVM rewrote the kvm_run page under edits made before a run that did
+            # not flush them (the I/O completion run): lay the edits back on top.
+            for g in self.catalog.groups_in(self.dirty_mask & self.held):
+                local = self.locals[g.name]
+                for reg, val in self.dirty[g.name].items():
+                    self._set[reg](local, val)
+
+    def take_back_deferred(self) -> None:
+        """Writes queued in kvm_dirty_regs become plain dirty registers again (a KVM_RUN
+        failed for another reason, or a run must not apply them)."""
+        if self._in_flight or self.transport.deferred:
+            self._undefer(ioctl=False)
 
     def run_failed(self) -> None:
         """KVM_RUN refused the queued sync writes: find the group by writing each by ioctl.
