@@ -84,7 +84,7 @@ class ShutdownExit(Exit):
 
 
 class InterruptedExit(Exit):
-    """KVM_RUN returned EINTR (a signal or immediate_exit): someone kicked the vCPU."""
+    """KVM_RUN returned without an exit: EINTR (a kick) or EAGAIN (an AP still waiting for SIPI)."""
     __slots__ = ()
     kind = "interrupted"
 

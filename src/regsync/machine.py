@@ -18,7 +18,8 @@ from .guests import GUESTS, load_image, parse_header
 from .kvm import System
 from .kvm import structs as ks
 from .memory import GuestMemory, GuestMemoryError, elf_segments, load_segments
-from .vcpu import Vcpu
+from .vcpu import LEVELS, Vcpu
+from .vmm import VmmMixin
 
 TSS_ADDR = 0xFFFBD000          # three pages KVM needs below 4 GiB (VMX real-mode TSS)
 IDENTITY_MAP_ADDR = 0xFFFBC000
@@ -36,15 +37,27 @@ class LoadedGuest:
     end: int             # first byte past the image (bss included)
 
 
-class Machine:
-    """Owns /dev/kvm, the VM and its memory; a context manager (close is idempotent)."""
+def _has_multiboot_magic(image: bytes) -> bool:
+    head = image[:8192]
+    return any(head[o:o + 4] == b"\x02\xb0\xad\x1b" for o in range(0, len(head) - 3, 4))
+
+
+class Machine(VmmMixin):
+    """Owns /dev/kvm, the VM and its memory; a context manager (close is idempotent).
+
+    Threads, devices, run_on_cpu, pause/resume and reset come from VmmMixin.
+    ``strategy`` picks the register sync ("regsync" or a comparison strategy);
+    ``sync_regs=None`` uses KVM_CAP_SYNC_REGS where KVM has it.
+    """
 
     def __init__(self, *, mem_mb: int = 64, smp: int = 1, irqchip: bool = True,
-                 strategy: str = "regsync", sync_regs: bool | None = None) -> None:
+                 strategy: str = "regsync", sync_regs: bool | None = None,
+                 serial_out: object = None, watchdog_action: str = "stop") -> None:
         if not 1 <= mem_mb <= 3072:
             raise ValueError(f"mem_mb={mem_mb}: must be 1..3072 (RAM sits below the 4 GiB hole)")
         if smp < 1:
             raise ValueError(f"smp={smp}: need at least one vCPU")
+        self._init_vmm(serial_out, watchdog_action)
         self.kvm = System()
         self.closed = False   # from here on close() has something to release
         try:
@@ -72,6 +85,7 @@ class Machine:
             self._cpuid = self.kvm.supported_cpuid()
             self.supported_msrs = set(self.kvm.msr_index_list())
             self.vcpus: list[Vcpu] = []
+            self._power_on: dict[int, dict[str, int]] = {}
             for _ in range(smp):
                 self.add_vcpu()
         except BaseException:
@@ -87,10 +101,14 @@ class Machine:
         try:
             handle.set_cpuid2(self._cpuid_for(vid))
             vcpu = Vcpu(handle, strategy=self.strategy, use_sync_regs=self.sync_regs,
-                        supported_msrs=self.supported_msrs)
+                        supported_msrs=self.supported_msrs, has_lapic=self.irqchip)
         except BaseException:
             handle.close()
             raise
+        # What reset() puts back: KVM's power-on values of the RESET level and the LAPIC.
+        power_on = vcpu.regs.dump(LEVELS["RESET"] | vcpu.cache.catalog.group_mask("LAPIC"))
+        # It includes MP_STATE: the BSP runnable, APs waiting for INIT/SIPI.
+        self._power_on[vid] = {k: v for k, v in power_on.items() if v is not None}
         self.vcpus.append(vcpu)
         return vcpu
 
@@ -137,18 +155,15 @@ class Machine:
             end = max((s.gpa + s.memsz for s in segs), default=entry)
             loaded = LoadedGuest(name, entry, "long" if mode == "auto" else mode, end)
         else:
-            try:
-                hdr = parse_header(image)
-            except ValueError:
-                hdr = None
+            # An image that carries a multiboot header must parse (a corrupt one is an
+            # error that names the problem); one without is a flat binary.
+            hdr = parse_header(image) if _has_multiboot_magic(image) else None
             if hdr is not None:
-                off = getattr(hdr, 'file_offset', 0)
-                data = image[off:][: max(0, hdr.load_end - hdr.load_addr)] \
-                    if hdr.load_end else image[off:]
+                data = image[:hdr.load_end - hdr.load_addr]
                 self.memory.write(hdr.load_addr, data)
-                end = max(hdr.bss_end, hdr.load_addr + len(data))
-                if end > hdr.load_addr + len(data):
-                    self.memory.write(hdr.load_addr + len(data), bytes(end - hdr.load_addr - len(data)))
+                if hdr.bss_end > hdr.load_end:
+                    self.memory.write(hdr.load_end, bytes(hdr.bss_end - hdr.load_end))
+                end = hdr.bss_end
                 if hdr.entry64 is not None and mode in ("auto", "long"):
                     loaded = LoadedGuest(name, hdr.entry64, "long", end)
                 else:
@@ -189,6 +204,7 @@ class Machine:
         if self.closed:
             return
         self.closed = True
+        self.shutdown_vmm()
         for v in getattr(self, "vcpus", ()):
             v.close()
         for part in (getattr(self, "memory", None), getattr(self, "vm", None)):

@@ -125,6 +125,7 @@ class RegisterFileBase:
         """
         cat = self._catalog
         mask = cat.all_mask if mask is None else mask
+        mask &= self._cache.transport.available_mask
         self._cache.synchronize(mask)
         out: dict[str, int | None] = {}
         for reg in cat.registers:

@@ -46,12 +46,13 @@ class Vcpu:
     """One vCPU: ``regs``, ``run()``, ``synchronize()``, ``flush()``, ``discard()``, ``stats``."""
 
     def __init__(self, handle: VcpuHandle, *, strategy: str = "regsync", use_sync_regs: bool = True,
-                 supported_msrs: set[int] | None = None) -> None:
+                 supported_msrs: set[int] | None = None, has_lapic: bool = True) -> None:
         self.handle = handle
         self.id = handle.id
         self.strategy = strategy
         self.transport = KvmTransport(handle, use_sync_regs=use_sync_regs,
-                                      supported_msrs=supported_msrs or set())
+                                      supported_msrs=supported_msrs or set(),
+                                      has_lapic=has_lapic)
         self.cache: RegisterCache = make_cache(strategy, self.transport)
         self.regs = Registers(self.cache)
         self._run_page = handle.run_page
@@ -62,12 +63,15 @@ class Vcpu:
     def run(self) -> exits.Exit:
         """Flush dirty registers, enter the guest once, return the decoded exit."""
         cache = self.cache
+        if cache.dirty_mask and self._completion_pending():
+            self._complete_pending_io()
         cache.before_run()
         try:
             rc = self.handle.run()
         except KvmError as e:
             if e.errno == errno.EINVAL and self.transport.deferred:
                 cache.run_failed()        # raises RegisterWriteError naming the group
+            cache.take_back_deferred()
             raise
         cache.after_run()
         if rc < 0:
@@ -77,6 +81,29 @@ class Vcpu:
             ex = exits.decode(self._run_page, self._run_addr)
         self.last_exit = ex
         return ex
+
+    def _completion_pending(self) -> bool:
+        ex = self.last_exit
+        return (isinstance(ex, exits.IoExit) and ex.direction == "in") or \
+            (isinstance(ex, exits.MmioExit) and not ex.is_write)
+
+    def _complete_pending_io(self) -> None:
+        """Finish an IN/MMIO read before writing registers over it.
+
+        api.rst: an I/O exit completes only when userspace re-enters KVM_RUN;
+        register writes in between race with the completion (on this host a
+        KVM_SET_REGS there makes the guest re-execute the IN forever). Re-entering
+        with immediate_exit completes it without running another instruction;
+        the edits stay dirty and are written right after.
+        """
+        self.cache.take_back_deferred()
+        self._run_page.immediate_exit = 1
+        try:
+            self.handle.run()
+        finally:
+            self._run_page.immediate_exit = 0
+        self.cache.after_run()
+        self.last_exit = exits.INTERRUPTED
 
     # --- sync vocabulary ---------------------------------------------------------------
     def synchronize(self, what: int | str | Iterable[str] = "FULL") -> None:
@@ -91,6 +118,8 @@ class Vcpu:
 
     def flush(self) -> None:
         """Write dirty registers now (run() does this too)."""
+        if self.cache.dirty_mask and self._completion_pending():
+            self._complete_pending_io()
         self.cache.flush(allow_defer=False)
 
     def discard(self, what: int | str | Iterable[str] = -1) -> None:

@@ -173,7 +173,7 @@ class Vcpu(_Handle):
         super().close()
 
     def run(self) -> int:
-        """KVM_RUN. Returns 0, or -EINTR when a signal or immediate_exit stopped it."""
+        """KVM_RUN. Returns 0, or -EINTR (signal, immediate_exit) or -EAGAIN (INIT, no SIPI yet)."""
         if self.fd < 0:
             raise ValueError(f"KVM_RUN: {self.obj} is closed")
         return ioctl_interruptible(self.fd, self.obj, self._run_op, self.counters)

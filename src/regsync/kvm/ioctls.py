@@ -37,6 +37,11 @@ class Ioctl:
     nr: int
     arg: type | None    # the struct named in the C macro; None for _IO
     size_type: type | None = None  # for _IOW(.., __u64): the C type whose size is encoded
+    c_name: str = ""               # the macro in <linux/kvm.h> when it differs from name
+
+    @property
+    def macro(self) -> str:
+        return self.c_name or self.name
 
     @property
     def number(self) -> int:
@@ -65,7 +70,8 @@ TABLE: tuple[Ioctl, ...] = (
     Ioctl("KVM_CREATE_IRQCHIP", "vm", _N, 0x60, None),
     Ioctl("KVM_IRQ_LINE", "vm", _W, 0x61, s.kvm_irq_level),
     Ioctl("KVM_CREATE_PIT2", "vm", _W, 0x77, s.kvm_pit_config),
-    Ioctl("KVM_VM_CHECK_EXTENSION", "vm", _N, 0x03, None),
+    # The same request on a VM fd answers for that VM (KVM_CAP_XSAVE2's size).
+    Ioctl("KVM_VM_CHECK_EXTENSION", "vm", _N, 0x03, None, c_name="KVM_CHECK_EXTENSION"),
     Ioctl("KVM_ENABLE_CAP", "vm", _W, 0xa3, s.kvm_enable_cap),
     # vCPU fd
     Ioctl("KVM_RUN", "vcpu", _N, 0x80, None),

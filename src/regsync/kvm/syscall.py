@@ -65,12 +65,13 @@ def ioctl(fd: int, obj: str, op: Ioctl, arg: Any, counters: Counters) -> int:
 
 
 def ioctl_interruptible(fd: int, obj: str, op: Ioctl, counters: Counters) -> int:
-    """KVM_RUN: returns -EINTR as a value (0 on success) instead of retrying."""
+    """KVM_RUN: returns -EINTR (a signal or immediate_exit) or -EAGAIN (an AP that
+    received INIT and still waits for SIPI) as a value instead of raising."""
     counters[op.name] += 1
     ret = _libc_ioctl(fd, op.number, 0)
     if ret < 0:
         err = ctypes.get_errno()
-        if err == errno_mod.EINTR:
+        if err in (errno_mod.EINTR, errno_mod.EAGAIN):
             return -err
         raise KvmError(op.name, obj, err)
     return ret

@@ -10,8 +10,9 @@ class EagerCache(RegisterCache):
     """First access after an exit fetches every group; any change writes every group back."""
 
     def _all(self) -> None:
-        if self.held != self.catalog.all_mask:
-            RegisterCache.synchronize(self, self.catalog.all_mask)
+        everything = self.transport.available_mask
+        if self.held & everything != everything:
+            RegisterCache.synchronize(self, everything)
 
     def read(self, reg: Register) -> int:
         self._all()

@@ -41,7 +41,11 @@ class QemuCache(RegisterCache):
     def __init__(self, *args: object, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.vcpu_dirty = False
-        self.put_mask = self.catalog.group_mask(*QEMU_RUNTIME_PUT)
+        known = self.catalog.group_by_name
+        # Another architecture (the simulated backend) has no x86 put list: RUNTIME.
+        self.put_mask = (self.catalog.group_mask(*QEMU_RUNTIME_PUT)
+                         if all(n in known for n in QEMU_RUNTIME_PUT)
+                         else self.catalog.levels["RUNTIME"])
 
     def synchronize(self, mask: int) -> None:
         if not self.vcpu_dirty:

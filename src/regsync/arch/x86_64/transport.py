@@ -55,6 +55,13 @@ XSTATE_BV_OFFSET = 512   # XSAVE header: which components the area holds
 XSTATE_X87_SSE = 0b11
 
 
+class GroupUnavailable(KeyError):
+    """The group does not exist on this VM (e.g. LAPIC without an in-kernel irqchip)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class FlushError(Exception):
     """KVM refused a group. ``written`` lists the groups that did reach the kernel."""
 
@@ -181,8 +188,14 @@ class KvmTransport:
 
     catalog: Catalog = CATALOG
 
-    def __init__(self, vcpu: Vcpu, *, use_sync_regs: bool, supported_msrs: set[int]) -> None:
+    def __init__(self, vcpu: Vcpu, *, use_sync_regs: bool, supported_msrs: set[int],
+                 has_lapic: bool = True) -> None:
         self.vcpu = vcpu
+        # Without an in-kernel irqchip there is no LAPIC for KVM to hand over.
+        self.unavailable = {} if has_lapic else {
+            "LAPIC": "no in-kernel LAPIC (the machine was made with irqchip=False)"}
+        self.available_mask = self.catalog.all_mask & ~sum(
+            self.catalog.group_by_name[n].bit for n in self.unavailable)
         self.run = vcpu.run_page
         self.use_sync_regs = use_sync_regs
         g = self.catalog.group_by_name
@@ -220,6 +233,8 @@ class KvmTransport:
     def fetch(self, group: Group) -> None:
         """Refresh the group's local copy from KVM (one ioctl)."""
         name, local, v = group.name, self._locals[group.name], self.vcpu
+        if name in self.unavailable:
+            raise GroupUnavailable(f"{name}: {self.unavailable[name]}")
         if name == "REGS":
             v.get_regs(local)
         elif name == "SREGS":

@@ -1,0 +1,191 @@
+"""Benchmarks: workloads × register-sync strategies, in one run, as a table and JSON.
+
+Workloads (each a guest loop; the VMM's work per exit differs):
+  pio        counter guest, tick exits, no register access
+  hypercall  hypercall guest, read rdi and rsi, write rax per exit
+  debugger   counter guest, read every RUNTIME register per exit
+  monitor    counter guest, dump ALL registers every 1,000 exits
+Strategies:
+  raw        hand-written loop on the kvm_run page's sync regs, no cache (the
+             limit for Python; XSAVE by ioctl where a workload needs it)
+  eager, qemu                      the comparison strategies (no SYNC_REGS)
+  regsync-nosync, regsync          the cache without and with KVM_CAP_SYNC_REGS
+
+Speed goals live here, never in tests. Rates vary with the host's load, so the
+table reports ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from .machine import Machine
+from .vcpu import LEVELS
+
+WORKLOADS = ("pio", "hypercall", "debugger", "monitor")
+STRATEGIES = ("raw", "eager", "qemu", "regsync-nosync", "regsync")
+HYPERCALL, TICK = 0x500, 0x501
+RUNTIME_NAMES: list[str] = []
+
+
+@dataclass
+class Cell:
+    workload: str
+    strategy: str
+    exits: int
+    seconds: float
+    exits_per_s: float
+    ioctls_per_exit: float
+    register_ioctls_per_exit: float
+    ratio_to_raw: float = 0.0
+
+
+def _machine(strategy: str, guest: str) -> Machine:
+    if strategy == "regsync-nosync":
+        m = Machine(smp=1, strategy="regsync", sync_regs=False)
+    elif strategy == "raw":
+        m = Machine(smp=1, strategy="regsync", sync_regs=True)
+    else:
+        m = Machine(smp=1, strategy=strategy)
+    m.load(guest, arg=1 << 40)
+    return m
+
+
+def _loop(workload: str, strategy: str, m: Machine, n: int) -> None:
+    v = m.vcpus[0]
+    if strategy == "raw":
+        _raw_loop(workload, v, n)
+        return
+    regs = v.regs
+    run = v.run
+    if workload == "pio":
+        for _ in range(n):
+            run()
+    elif workload == "hypercall":
+        for _ in range(n):
+            ex = run()
+            if ex.port == HYPERCALL:  # type: ignore[attr-defined]
+                regs.rax = regs.rdi + regs.rsi
+    elif workload == "debugger":
+        runtime = LEVELS["RUNTIME"]
+        for _ in range(n):
+            run()
+            regs.dump(runtime)
+    elif workload == "monitor":
+        for i in range(n):
+            run()
+            if i % 1000 == 999:
+                regs.dump()
+
+
+def _raw_loop(workload: str, v, n: int) -> None:  # type: ignore[no-untyped-def]
+    h = v.handle
+    page = h.run_page
+    page.kvm_valid_regs = 7
+    sync = page.s.regs
+    r, sr = sync.regs, sync.sregs
+    hrun = h.run
+    if workload == "pio":
+        for _ in range(n):
+            hrun()
+    elif workload == "hypercall":
+        for _ in range(n):
+            hrun()
+            if page.exit_reason == 2 and page.io.port == HYPERCALL:
+                r.rax = r.rdi + r.rsi
+                page.kvm_dirty_regs = 1
+    elif workload == "debugger":
+        fields = [f for f, *_ in type(r)._fields_]
+        for _ in range(n):
+            hrun()
+            [getattr(r, f) for f in fields]
+            [(s.base, s.limit, s.selector) for s in (sr.cs, sr.ds, sr.es, sr.fs, sr.gs, sr.ss)]
+            (sr.cr0, sr.cr2, sr.cr3, sr.cr4, sr.cr8, sr.efer)
+            h.get_xsave()
+    elif workload == "monitor":
+        for i in range(n):
+            hrun()
+            if i % 1000 == 999:
+                h.get_regs(); h.get_sregs(); h.get_xsave(); h.get_xcrs(); h.get_debugregs()
+                h.get_vcpu_events(); h.get_lapic(); h.get_mp_state()
+
+
+def measure(workload: str, strategy: str, n: int, repeat: int) -> Cell:
+    guest = "hypercall" if workload == "hypercall" else "counter"
+    rates, ioctls, reg_ioctls, secs = [], [], [], []
+    for _ in range(repeat):
+        with _machine(strategy, guest) as m:
+            v = m.vcpus[0]
+            _loop(workload, strategy, m, 50)          # warm up, flush the boot state
+            before = dict(v.handle.counters)
+            t0 = time.perf_counter()
+            _loop(workload, strategy, m, n)
+            dt = time.perf_counter() - t0
+            after = v.handle.counters
+            delta = {k: after[k] - before.get(k, 0) for k in after}
+            total = sum(delta.values())
+            rates.append(n / dt)
+            secs.append(dt)
+            ioctls.append(total / n)
+            reg_ioctls.append((total - delta.get("KVM_RUN", 0)) / n)
+    i = rates.index(statistics.median(rates)) if repeat % 2 else 0
+    return Cell(workload, strategy, n, secs[i], statistics.median(rates),
+                statistics.median(ioctls), statistics.median(reg_ioctls))
+
+
+def run_all(quick: bool = False, progress: Callable[[str], None] = print) -> list[Cell]:
+    base = 3000 if quick else 20000
+    repeat = 1 if quick else 3
+    cells: list[Cell] = []
+    for w in WORKLOADS:
+        raw_rate = None
+        for s in STRATEGIES:
+            n = base // 10 if s in ("eager", "qemu") else base
+            c = measure(w, s, n, repeat)
+            if s == "raw":
+                raw_rate = c.exits_per_s
+            c.ratio_to_raw = c.exits_per_s / raw_rate if raw_rate else 0.0
+            cells.append(c)
+            progress(f"  {w:<10} {s:<15} {c.exits_per_s:>9.0f} exits/s  "
+                     f"{c.ioctls_per_exit:.3f} ioctls/exit")
+    return cells
+
+
+def table(cells: list[Cell]) -> str:
+    lines = ["| workload | strategy | exits/s | × raw | ioctls/exit | register ioctls/exit |",
+             "|---|---|---:|---:|---:|---:|"]
+    for c in cells:
+        lines.append(f"| {c.workload} | {c.strategy} | {c.exits_per_s:,.0f} | "
+                     f"{c.ratio_to_raw:.2f} | {c.ioctls_per_exit:.3f} | "
+                     f"{c.register_ioctls_per_exit:.3f} |")
+    by = {(c.workload, c.strategy): c for c in cells}
+    hc, eager = by.get(("hypercall", "regsync")), by.get(("hypercall", "eager"))
+    if hc and eager:
+        lines.append("")
+        lines.append(f"hypercall: regsync = {hc.ratio_to_raw:.2f}× raw, "
+                     f"{hc.exits_per_s / eager.exits_per_s:.1f}× eager, "
+                     f"{hc.ioctls_per_exit:.3f} ioctls/exit")
+    return "\n".join(lines)
+
+
+def main(quick: bool = False, out: str = "benchmarks/results.json") -> int:
+    print(f"regsync benchmarks ({'quick' if quick else 'full'}) on {platform.node()}, "
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
+    cells = run_all(quick)
+    text = table(cells)
+    print()
+    print(text)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": quick,
+                                "python": platform.python_version(),
+                                "cells": [asdict(c) for c in cells]}, indent=1))
+    print(f"\nJSON written to {path}")
+    return 0
