@@ -10,7 +10,7 @@ Threads, devices and the exit dispatch loop live in vmm.py, built on this.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .arch.x86_64 import boot
@@ -35,6 +35,8 @@ class LoadedGuest:
     entry: int
     mode: str            # "long", "protected" or "real"
     end: int             # first byte past the image (bss included)
+    arg: int = 0         # the guest argument in the boot info
+    addr: int = 0x100000
 
 
 def _has_multiboot_magic(image: bytes) -> bool:
@@ -172,6 +174,7 @@ class Machine(VmmMixin):
                 self.memory.write(addr, image)
                 loaded = LoadedGuest(name, addr, "long" if mode == "auto" else mode,
                                      addr + len(image))
+        loaded = replace(loaded, arg=arg, addr=addr, mode=loaded.mode)
         self._enter(loaded)
         self.guest = loaded
         return loaded
@@ -195,8 +198,9 @@ class Machine(VmmMixin):
         """Zero RAM and load the same guest again (used by reset)."""
         if self.guest is None:
             raise RuntimeError("reload(): no guest was loaded")
+        g = self.guest
         self.memory.clear()
-        self.load(self.guest.name)
+        self.load(g.name, arg=g.arg, mode=g.mode, addr=g.addr)
 
     # --- lifetime ----------------------------------------------------------------------
     def close(self) -> None:

@@ -87,6 +87,8 @@ class VcpuThread:
         self._inbox: collections.deque[Any] = collections.deque()
         self._cond = threading.Condition()
         self.paused = threading.Event()
+        if paused:
+            self.paused.set()
         self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.id}", daemon=True)
         self.kicks = 0
 
@@ -205,6 +207,7 @@ class VmmMixin:
         self._stopped = threading.Event()
         self._lifecycle = threading.Lock()
         self.debug_handler: Callable[[Vcpu, exits.DebugExit], None] | None = None
+        self.exit_listeners: list[Callable[[int], None]] = []   # called once with the status
         self.halted: set[int] = set()
 
     # --- dispatch (runs on vCPU threads) ------------------------------------------------
@@ -255,9 +258,13 @@ class VmmMixin:
         self._finish(EXIT_FATAL)
 
     def _finish(self, status: int) -> None:
-        if self.exit_status is None:
+        first = self.exit_status is None
+        if first:
             self.exit_status = status
         self._stopped.set()
+        if first:
+            for listener in list(self.exit_listeners):
+                listener(status)
         for t in self.threads:
             if t.state is not RunState.STOPPED:
                 try:
@@ -320,6 +327,21 @@ class VmmMixin:
             if not t.paused.wait(timeout):
                 raise TimeoutError(f"vCPU {t.vcpu.id} did not pause within {timeout} s")
 
+    def stop_all_from(self, vcpu: Vcpu) -> None:
+        """Called on vCPU's own thread (e.g. from debug_handler): this vCPU pauses
+        after the handler returns and every other vCPU is asked to pause (all-stop).
+        Does not wait for the others; pause_all() can be used afterwards to wait."""
+        own = self._thread_of(vcpu)
+        own.state = RunState.PAUSED
+        own.paused.set()
+        for t in self.threads:
+            if t is not own and t.state is RunState.RUNNING:
+                t.paused.clear()
+                try:
+                    t.post("pause")
+                except VcpuStopped:
+                    pass
+
     def resume_all(self) -> None:
         for t in self.threads:
             if t.state is RunState.PAUSED:
@@ -343,7 +365,8 @@ class VmmMixin:
             for v in self.vcpus:
                 self.run_on_cpu(v, lambda v=v: self._reset_vcpu(v))
             if reload:
-                self.reload()  # type: ignore[attr-defined]
+                # Memory from here, the BSP's entry state on its own thread.
+                self.run_on_cpu(self.vcpus[0], self.reload)  # type: ignore[attr-defined]
             self.halted.clear()
             self.resets += 1
             if was_running:

@@ -1,0 +1,187 @@
+"""Issue 4 on real KVM: SMP, run_on_cpu, reset, the watchdog, SIGINT, CLI errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from regsync import Machine
+from regsync.guests import symbols
+from regsync.kvm.structs import KVM_MP_STATE_UNINITIALIZED
+
+SPIN = symbols("spin")
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_smp_demo_completes(n: int) -> None:
+    with Machine(smp=n) as m:
+        m.load("smp")
+        m.start()
+        assert m.wait(60) == 0, m.serial.text
+        for i in range(n):
+            assert f"cpu {i} online" in m.serial.lines
+        assert m.serial.lines[-1] == f"smp: all {n} cpus done"
+
+
+def _spin_code_range() -> tuple[int, int]:
+    return SPIN["spin_loop"], SPIN["_edata"]
+
+
+def _stop_spin(m: Machine) -> int | None:
+    m.memory.write_u64(SPIN["spin_stop"], 1)
+    return m.wait(60)
+
+
+def test_run_on_cpu_on_spinning_vcpus() -> None:
+    """1,000 run_on_cpu calls into a 2-vCPU guest that never exits on its own."""
+    lo, hi = _spin_code_range()
+    with Machine(smp=2) as m:
+        m.load("spin")
+        m.start()
+        time.sleep(0.2)                              # let the AP come up
+        last_count = [0, 0]
+        for i in range(1000):
+            v = m.vcpus[i % 2]
+            rip, count = m.run_on_cpu(
+                v, lambda v=v: (v.regs.rip, m.memory.read_u64(SPIN["spin_counters"] + 8 * v.id)),
+                timeout=5)
+            assert lo <= rip < hi + 0x1000, f"vCPU {v.id} rip {rip:#x} outside the guest's code"
+            assert count >= last_count[v.id]        # the guest keeps making progress
+            last_count[v.id] = count
+        assert last_count[1] > 0                     # the AP ran
+        assert _stop_spin(m) == 0, m.serial.text
+        assert "spin: stopped" in m.serial.lines
+
+
+def test_run_on_cpu_from_the_vcpu_thread_and_errors_propagate() -> None:
+    with Machine(smp=1) as m:
+        m.load("spin")
+        m.start()
+        v = m.vcpus[0]
+        assert m.run_on_cpu(v, lambda: m.run_on_cpu(v, lambda: 42)) == 42
+        with pytest.raises(ZeroDivisionError):
+            m.run_on_cpu(v, lambda: 1 // 0)
+        assert _stop_spin(m) == 0
+
+
+def test_reset_mid_run_brings_every_vcpu_back() -> None:
+    with Machine(smp=2) as m:
+        m.load("spin")
+        m.start()
+        time.sleep(0.2)
+        m.pause_all()
+        assert m.memory.read_u64(SPIN["spin_counters"] + 8) > 0       # the AP was running
+        m.reset()                                   # paused machine: stays paused
+        bsp, ap = m.vcpus
+        assert m.run_on_cpu(bsp, lambda: bsp.regs.rip) == SPIN["entry64"]
+        assert m.run_on_cpu(ap, lambda: ap.regs.mp_state) == KVM_MP_STATE_UNINITIALIZED
+        assert m.run_on_cpu(ap, lambda: (ap.regs["cs.selector"], ap.regs.rip)) == (0xF000, 0xFFF0)
+        assert m.memory.read_u64(SPIN["spin_counters"] + 8) == 0      # memory reloaded
+        m.resume_all()
+        time.sleep(0.3)
+        assert m.memory.read_u64(SPIN["spin_counters"] + 8) > 0       # the AP started again
+        assert _stop_spin(m) == 0, m.serial.text
+        assert m.resets == 1
+
+
+def test_reset_while_running_then_runs_to_completion() -> None:
+    with Machine(smp=2) as m:
+        m.load("smp")
+        m.start(paused=True)
+        m.reset()
+        m.resume_all()
+        assert m.wait(60) == 0, m.serial.text
+        assert m.serial.lines[-1] == "smp: all 2 cpus done"
+
+
+def test_watchdog_fires_when_not_petted() -> None:
+    with Machine(smp=1) as m:
+        m.load("watchdog", arg=0xFFFF)
+        m.start()
+        assert m.wait(30) == 124
+        assert m.watchdog.expiries == 1
+        rec = m.watchdog_records[0]
+        assert rec["vcpu"] == 0
+        assert SPIN is not None and rec["registers"]["rip"] >= 0x100000   # state recorded
+
+
+def test_watchdog_quiet_when_petted() -> None:
+    with Machine(smp=1) as m:
+        m.load("watchdog", arg=20)
+        m.start()
+        assert m.wait(30) == 0, m.serial.text
+        assert m.watchdog.expiries == 0 and m.watchdog.pets == 20
+        assert "watchdog: petted 0x14 times" in m.serial.text
+
+
+def test_watchdog_reset_path_runs_the_guest_again() -> None:
+    with Machine(smp=1, watchdog_action="reset") as m:
+        m.load("watchdog", arg=0xFFFF)
+        m.start()
+        assert m.wait(30) == 124               # reset up to 3 times, then stop
+        assert m.resets == 3 and m.watchdog.expiries == 4
+        assert m.serial.lines.count("watchdog: not petting") == 4
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_sigint_leaves_no_threads_or_fds() -> None:
+    threads0, fds0 = threading.active_count(), _fds()
+    m = Machine(smp=2)
+    m.load("spin")
+    m.start()
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        while m.wait(0.05) is None:
+            pass
+    m.stop(130)
+    m.close()
+    timer.join()
+    assert threading.active_count() == threads0
+    assert _fds() == fds0
+
+
+def test_cli_sigint_exits_130() -> None:
+    p = subprocess.Popen([sys.executable, "-m", "regsync.cli", "run", "spin", "--smp", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "no-such-guest"], "no such guest image"),
+    (["run", "/no/such/file.bin"], "no such guest image"),
+    (["run", "hello", "--smp", "0"], "must be at least 1"),
+    (["run", "hello", "--bogus"], "unrecognized arguments: --bogus"),
+    (["regs", "hello", "--level", "NOPE"], "unknown level or group"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_cli_errors_are_one_line(args: list[str], needle: str) -> None:
+    p = subprocess.run([sys.executable, "-m", "regsync.cli", *args], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("regsync"), p.stderr
+
+
+def test_cli_corrupt_image_is_a_clear_error(tmp_path) -> None:
+    from regsync.guests import load_image
+    img = bytearray(load_image("hello"))
+    img[8] ^= 0xFF                                  # multiboot checksum
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(bytes(img))
+    p = subprocess.run([sys.executable, "-m", "regsync.cli", "run", str(bad)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "checksum" in p.stderr and "Traceback" not in p.stderr
