@@ -21,9 +21,13 @@ class Group:
     invalidates: tuple[str, ...] = ()  # groups a fetch of this one makes stale (side effects)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Register:
-    """One named value. ``field`` tells the transport where it lives in the group's struct."""
+    """One named value. ``field`` tells the transport where it lives in the group's struct.
+
+    Compared and hashed by identity: each register is one catalog object, and the
+    cache's dirty dicts are keyed by it on the hot path.
+    """
     name: str
     width: int                    # bits
     group: str

@@ -16,10 +16,12 @@ from .regdefs import Alias, Catalog, Register
 
 
 class _RegisterAttr:
-    __slots__ = ("reg", "bit", "group", "get")
+    __slots__ = ("reg", "bit", "group", "get", "set", "mask")
 
-    def __init__(self, reg: Register, bit: int, get: Callable[[Any], int]) -> None:
-        self.reg, self.bit, self.group, self.get = reg, bit, reg.group, get
+    def __init__(self, reg: Register, bit: int, get: Callable[[Any], int],
+                 set_: Callable[[Any, int], None]) -> None:
+        self.reg, self.bit, self.group, self.get, self.set = reg, bit, reg.group, get, set_
+        self.mask = reg.mask
 
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
@@ -30,7 +32,15 @@ class _RegisterAttr:
         return c.read(self.reg)
 
     def __set__(self, obj: Any, value: int) -> None:
-        obj._cache.write(self.reg, value)
+        c: RegisterCache = obj._cache
+        # Hot path, the plain cache's write() inlined: an in-range int is stored in
+        # the local copy and marked dirty. Anything else takes the checked path.
+        if c.plain_writes and type(value) is int and 0 <= value <= self.mask:
+            self.set(c.locals[self.group], value)
+            c.dirty[self.group][self.reg] = value
+            c.dirty_mask |= self.bit
+        else:
+            c.write(self.reg, value)
 
 
 class _AliasAttr:
@@ -84,10 +94,6 @@ class RegisterFileBase:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise AttributeError(f"no register named {name!r}{hint}")
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if not hasattr(type(self), name):
-            self.__getattr__(name)
-        object.__setattr__(self, name, value)
 
     def __contains__(self, name: str) -> bool:
         return name in self._names
@@ -141,7 +147,9 @@ def _attr_name(name: str) -> str:
     return name.replace(".", "_")
 
 
-def make_register_file(catalog: Catalog, getters: dict[Register, Callable[[Any], int]],
+def make_register_file(catalog: Catalog,
+                       accessors: dict[Register, tuple[Callable[[Any], int],
+                                                       Callable[[Any, int], None]]],
                        msr_aliases: dict[int, str] | None = None,
                        msr_by_index: dict[int, Register] | None = None) -> type:
     """A RegisterFileBase subclass with one descriptor per register and alias."""
@@ -150,7 +158,7 @@ def make_register_file(catalog: Catalog, getters: dict[Register, Callable[[Any],
     names: dict[str, Register | Alias] = {}
     for reg in catalog.registers:
         bit = catalog.group_by_name[reg.group].bit
-        attr = _RegisterAttr(reg, bit, getters[reg])
+        attr = _RegisterAttr(reg, bit, *accessors[reg])
         for n in (reg.name, *reg.aliases):
             names[n] = reg
             ns[_attr_name(n)] = attr

@@ -190,6 +190,12 @@ class SimTransport:
             self._locals["GPRS"] = kernel.run_page["GPRS"]   # the local copy IS the run page
         self.names = {g.name: [r.name for r in CATALOG.registers_of(g.name)] for g in GROUPS}
         self.deferred = 0
+        self.fast_defer_mask = self.sync_mask     # GPRS: held values are the run page
+
+    def defer(self, mask: int) -> None:
+        """Queue the held sync group for the next run (like kvm_dirty_regs)."""
+        self.kernel.dirty_regs.add("GPRS")
+        self.deferred |= mask
 
     def local(self, group: Group) -> dict[str, int]:
         return self._locals[group.name]
@@ -265,11 +271,11 @@ class SimTransport:
         """Move the sync group off the run page (the vCPU is closing)."""
         if self.use_sync:
             self._locals["GPRS"] = dict(self._locals["GPRS"])
-            self.use_sync, self.sync_mask = False, 0
+            self.use_sync, self.sync_mask, self.fast_defer_mask = False, 0, 0
         return dict(self._locals)
 
 
-SimRegisters = make_register_file(CATALOG, {r: SimTransport.accessors(r)[0]
+SimRegisters = make_register_file(CATALOG, {r: SimTransport.accessors(r)
                                             for r in CATALOG.registers})
 
 

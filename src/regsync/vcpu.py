@@ -8,6 +8,7 @@ one that calls run()); machine.run_on_cpu() brings other threads there.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from .cache import CacheStats
 
 LEVELS = CATALOG.levels
+_IO_DIRECTION = ks.kvm_run.io.offset
+_MMIO_IS_WRITE = ks.kvm_run.mmio.offset + ks._exit_mmio.is_write.offset
 
 
 def to_mask(what: int | str | Iterable[str]) -> int:
@@ -57,17 +60,28 @@ class Vcpu:
         self.regs = Registers(self.cache)
         self._run_page = handle.run_page
         self._run_addr = handle.run_page_addr
-        self.last_exit: exits.Exit | None = None
+        self._kvm_run = handle.run
+        # The cache's own before_run can be inlined; strategies override it.
+        self._plain_cache = type(self.cache).before_run is RegisterCache.before_run
+        self._run_view = memoryview((ctypes.c_char * ctypes.sizeof(ks.kvm_run)).from_address(
+            handle.run_page_addr)).cast("B")
+        self.last_exit: exits.Exit | exits.IoExit | None = None
 
     # --- the run ---------------------------------------------------------------------
     def run(self) -> exits.Exit:
         """Flush dirty registers, enter the guest once, return the decoded exit."""
         cache = self.cache
-        if cache.dirty_mask and self._completion_pending():
-            self._complete_pending_io()
-        cache.before_run()
+        if cache.dirty_mask:
+            reason = self._run_page.exit_reason        # _completion_pending(), inlined
+            if (reason == ks.KVM_EXIT_IO and self._run_view[_IO_DIRECTION] == ks.KVM_EXIT_IO_IN) \
+                    or (reason == ks.KVM_EXIT_MMIO and not self._run_view[_MMIO_IS_WRITE]):
+                self._complete_pending_io()
+            if self._plain_cache:
+                cache.flush()
+        if not self._plain_cache or cache._fetched_since_run:
+            cache.before_run()
         try:
-            rc = self.handle.run()
+            rc = self._kvm_run()
         except KvmError as e:
             if e.errno == errno.EINVAL and self.transport.deferred:
                 cache.run_failed()        # raises RegisterWriteError naming the group
@@ -78,14 +92,17 @@ class Vcpu:
             self._run_page.immediate_exit = 0
             ex: exits.Exit = exits.INTERRUPTED
         else:
-            ex = exits.decode(self._run_page, self._run_addr)
+            ex = exits.decode(self._run_page, self._run_addr, self._run_view)
         self.last_exit = ex
         return ex
 
     def _completion_pending(self) -> bool:
-        ex = self.last_exit
-        return (isinstance(ex, exits.IoExit) and ex.direction == "in") or \
-            (isinstance(ex, exits.MmioExit) and not ex.is_write)
+        """Did the last exit leave an IN or an MMIO read for the next KVM_RUN to finish?
+        (The kvm_run page still describes the last exit until the next run.)"""
+        reason = self._run_page.exit_reason
+        if reason == ks.KVM_EXIT_IO:
+            return self._run_view[_IO_DIRECTION] == ks.KVM_EXIT_IO_IN
+        return reason == ks.KVM_EXIT_MMIO and not self._run_view[_MMIO_IS_WRITE]
 
     def _complete_pending_io(self) -> None:
         """Finish an IN/MMIO read before writing registers over it.
@@ -103,7 +120,7 @@ class Vcpu:
         finally:
             self._run_page.immediate_exit = 0
         self.cache.after_run()
-        self.last_exit = exits.INTERRUPTED
+        self.last_exit = exits.INTERRUPTED   # the page now shows KVM_EXIT_INTR
 
     # --- sync vocabulary ---------------------------------------------------------------
     def synchronize(self, what: int | str | Iterable[str] = "FULL") -> None:

@@ -102,7 +102,11 @@ class VcpuThread:
                 raise VcpuStopped(f"vCPU {self.vcpu.id} has stopped")
             self._inbox.append(msg)
             self._cond.notify()
-        self.kick()
+            # A paused thread waits on the condition and sees the message; a kick
+            # would only leave immediate_exit set and cost a spurious KVM_RUN later.
+            running = self.state is RunState.RUNNING
+        if running:
+            self.kick()
 
     def kick(self) -> None:
         if self.state is RunState.STOPPED or self.thread.ident is None:

@@ -150,11 +150,20 @@ class StubCore:
         self._awaiting_stop = False
         return self._frame(reply)
 
-    def on_exit(self, status: int = 0) -> bytes:
-        """Report that the machine is gone (e.g. VM shut down): ``W`` reply."""
+    def on_exit(self, status: int = 0, signal: int | None = None) -> bytes:
+        """Report that the machine is gone: ``W status`` (it exited), or
+        ``X signal`` when ``signal`` is given (it died, e.g. a fatal exit)."""
         self._running = False
         self.wants_close = True
+        if signal is not None:
+            return self._frame(b"X%02x" % (signal & 0xFF))
         return self._frame(b"W%02x" % (status & 0xFF))
+
+    @property
+    def current_thread(self) -> int:
+        """The thread register and memory requests go to (``Hg``, else the
+        thread of the last stop)."""
+        return self._resolve(self._g_thread)
 
     # --- plumbing --------------------------------------------------------
 
@@ -348,7 +357,8 @@ class StubCore:
         self._need_stopped()
         layout = self.layout
         values = self.target.read_registers(self._resolve(self._g_thread), layout)
-        if len(values) != len(layout.registers):
+        # A prefix is allowed: gdb then fetches the rest with 'p' when needed.
+        if not 0 < len(values) <= len(layout.registers):
             raise LocalProtocolError("read_registers returned the wrong count")
         return b"".join(self._reg_hex(r, v) for r, v in zip(layout.registers, values))
 
@@ -356,12 +366,19 @@ class StubCore:
         self._need_stopped()
         layout = self.layout
         data = unhex(args)
-        if len(data) != layout.g_size:
+        # After a short 'g' reply gdb sends a G block of that shorter size.
+        sizes = [0]
+        for reg in layout.registers:
+            sizes.append(sizes[-1] + reg.nbytes)
+        if len(data) not in sizes[1:]:
             raise PacketError("G block size does not match the layout")
+        count = sizes.index(len(data))
         tid = self._resolve(self._g_thread)
-        current = self.target.read_registers(tid, layout)
+        current = list(self.target.read_registers(tid, layout))
+        for reg in layout.registers[len(current):count]:
+            current.append(self.target.read_register(tid, reg))
         offset = 0
-        for reg, old in zip(layout.registers, current):
+        for reg, old in zip(layout.registers[:count], current):
             new = data[offset : offset + reg.nbytes]
             offset += reg.nbytes
             # Only write what changed: keeps the cache clean and avoids

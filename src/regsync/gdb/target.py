@@ -130,7 +130,13 @@ class Target(Protocol):
         ...
 
     def read_registers(self, tid: int, layout: RegisterLayout) -> list[bytes | None]:
-        """All registers of ``layout`` in order; None = unavailable."""
+        """The registers of ``layout`` in order; None = unavailable.
+
+        May return a non-empty *prefix* (the registers that are cheap to
+        read): the ``g`` reply then carries only those and gdb fetches the
+        others one at a time with ``p``.  Keep the prefix length fixed for
+        a connection: gdb shrinks its idea of the ``g`` size once and
+        rejects a longer reply afterwards."""
         ...
 
     def read_register(self, tid: int, reg: GdbRegister) -> bytes | None:

@@ -4,7 +4,7 @@ from ...regfile import make_register_file
 from .catalog import CATALOG, MSR_ALIASES, MSR_BY_INDEX
 from .transport import FLUSH_ORDER, KvmTransport, accessors
 
-Registers = make_register_file(CATALOG, {r: accessors(r)[0] for r in CATALOG.registers},
+Registers = make_register_file(CATALOG, {r: accessors(r) for r in CATALOG.registers},
                                MSR_ALIASES, MSR_BY_INDEX)
 
 __all__ = ["CATALOG", "FLUSH_ORDER", "KvmTransport", "Registers", "MSR_ALIASES"]

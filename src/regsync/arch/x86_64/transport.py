@@ -131,6 +131,10 @@ def _xcr_set(n: int) -> Setter:
 
 def _attr_set(path: str) -> Setter:
     *parents, last = path.split(".")
+    if not parents:
+        def set_plain(l: Any, v: int) -> None:
+            setattr(l, last, v)
+        return set_plain
     def set_(l: Any, v: int) -> None:
         for p in parents:
             l = getattr(l, p)
@@ -217,6 +221,14 @@ class KvmTransport:
                             if int(r.field[4:], 16) in supported_msrs])
             for name in ("MSRS", "MSRS_TIME")}
         self.deferred = 0  # group bits written through kvm_dirty_regs, applied by the next KVM_RUN
+        # REGS and SREGS need nothing but their kvm_dirty_regs bit once held (EVENTS
+        # needs its valid-flags computed): the cache's no-syscall fast path.
+        self.fast_defer_mask = (g["REGS"].bit | g["SREGS"].bit) if use_sync_regs else 0
+        # kvm_dirty_regs flags for every combination of sync group bits.
+        sync_bits = [(g[n].bit, f) for n, f in _SYNC_FLAG.items()]
+        self._flags_for = {m: sum(f for b, f in sync_bits if m & b)
+                           for m in range(self.catalog.all_mask + 1)
+                           if not m & ~sum(b for b, _ in sync_bits)}
 
     def local(self, group: Group) -> Any:
         return self._locals[group.name]
@@ -345,6 +357,11 @@ class KvmTransport:
             set_fn(r, local, val)
         self.vcpu.set_lapic(local)
 
+    def defer(self, mask: int) -> None:
+        """Queue held sync groups (values already in the kvm_run page) for the next run."""
+        self.run.kvm_dirty_regs |= self._flags_for[mask]
+        self.deferred |= mask
+
     def detach(self) -> dict[str, Any]:
         """Before the kvm_run page is unmapped: move sync groups to private copies."""
         if self.use_sync_regs:
@@ -352,7 +369,7 @@ class KvmTransport:
                               ("EVENTS", s.kvm_vcpu_events)):
                 self._locals[name] = cls.from_buffer_copy(self._locals[name])
             self.use_sync_regs = False
-            self.sync_mask = 0
+            self.sync_mask = self.fast_defer_mask = 0
         return self._locals
 
     def cancel_deferred(self) -> int:

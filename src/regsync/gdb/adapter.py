@@ -1,0 +1,721 @@
+"""The :class:`~regsync.gdb.target.Target` over a running regsync Machine.
+
+Threads and ownership
+---------------------
+* Register access and KVM_SET_GUEST_DEBUG happen on the vCPU's own thread:
+  the stub (server thread) goes through ``machine.run_on_cpu``.  Guest memory
+  is an mmap and is read directly.
+* KVM_EXIT_DEBUG arrives on a vCPU thread (``machine.debug_handler``).  The
+  handler classifies it (our single-step, one of our hardware slots, or the
+  guest's own #DB/#BP, which is re-injected), pauses the machine
+  (``stop_all_from``), snapshots rip/rsp/rbp and the paging registers through
+  the cache (the kvm_run page carries them after the exit: no ioctl) and
+  hands a :class:`StopRecord` to the server through ``notify``.  The server
+  calls :meth:`MachineTarget.complete_stop`, which waits for every vCPU to be
+  paused and builds the :class:`StopEvent` with the registers expedited.
+* ``_state`` (under ``_lock``) is "detached" (no gdb: the guest runs free),
+  "stopped", "running" or "stopping" (a stop was claimed and is being
+  reported).  Only the first event of a run claims the stop; later ones are
+  dropped (a hardware breakpoint is fault-like: the vCPU hits it again when
+  resumed).  ``_gen`` counts runs so a record from an earlier run is ignored.
+
+Breakpoints
+-----------
+Four debug-register slots serve Z1 (hbreak), and Z0 too unless a start-up
+probe showed that KVM intercepts int3 (KVM_GUESTDBG_USE_SW_BP); without
+interception an int3 in guest memory would kill a CPL0 guest, so Z0 then
+takes a hardware slot and ``monitor info bp`` says so.  Watchpoints (Z2/Z4)
+use DR7 R/W bits when the probe saw a data breakpoint fire; otherwise they
+are refused (empty reply).  Debug registers reach KVM lazily: only when a
+vCPU resumes and only if its guest-debug state differs from what it has.
+
+Stepping
+--------
+``vCont;s:N;c`` steps vCPU N with the others held ("alone", like gdb's
+``scheduler-locking step``, the default) or running ("all"): ``monitor
+step-mode all|alone``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..arch.x86_64 import CATALOG
+from ..kvm import KvmError
+from ..kvm import structs as ks
+from ..memory import GuestMemoryError
+from ..vmm import EXIT_FATAL, EXIT_WATCHDOG, RunState, VcpuStopped
+from .pagewalk import PageFault, Paging, ranges
+from .target import (
+    BP_ACCESS_WATCH, BP_HARDWARE, BP_READ_WATCH, BP_SOFTWARE, BP_WRITE_WATCH, SIGINT,
+    SIGTRAP, Action, StopEvent, TargetBase, TargetError, Unsupported,
+)
+from .targetxml import (
+    I386_LAYOUT, I8086_LAYOUT, X86_64_LAYOUT, GdbRegister, RegisterLayout, register_bytes,
+    register_updates, value_to_bytes,
+)
+
+if TYPE_CHECKING:
+    from ..exits import DebugExit
+    from ..machine import Machine
+    from ..vcpu import Vcpu
+
+__all__ = [
+    "DebugCaps", "KILL_STATUS", "MachineTarget", "StopRecord", "probe_debug_caps",
+    "register_ioctls",
+]
+
+#: The guest's exit status after gdb's ``kill`` (128 + SIGKILL, like a shell).
+KILL_STATUS = 137
+NSLOTS = 4
+DR6_BS = 1 << 14
+DR7_FIXED = 0x400         # bit 10 reads as 1
+DR7_GE = 1 << 9
+KVM_CAP_SET_GUEST_DEBUG2 = 195
+_LEN_BITS = {1: 0b00, 2: 0b01, 8: 0b10, 4: 0b11}
+_RW_EXEC, _RW_WRITE, _RW_ACCESS = 0b00, 0b01, 0b11
+_ZERO_DRS = (0,) * 8
+#: Groups the kvm_run page hands back after every exit (SYNC_REGS): reading
+#: their registers at a stop costs no ioctl.
+_FREE_GROUPS = frozenset({"REGS", "SREGS"})
+_SNAP_REGS = ("rip", "rsp", "rbp", "cr0", "cr3", "cr4", "efer")
+_NOT_REGISTER_IOCTLS = frozenset({"KVM_RUN", "KVM_SET_GUEST_DEBUG", "KVM_SET_CPUID2",
+                                  "KVM_GET_CPUID2"})
+
+
+def register_ioctls(counters: dict[str, int]) -> int:
+    """How many of ``counters`` moved register state (GET/SET of regs, sregs,
+    xsave, MSRs, events, ...), i.e. everything but runs and setup."""
+    return sum(n for name, n in counters.items()
+               if name.startswith(("KVM_GET_", "KVM_SET_")) and name not in _NOT_REGISTER_IOCTLS)
+
+
+# --- the start-up probe ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DebugCaps:
+    """What guest debugging can do on this host (from :func:`probe_debug_caps`)."""
+
+    sw_breakpoints: bool
+    sw_detail: str
+    hw_breakpoints: bool
+    hw_detail: str
+    watchpoints: bool
+    watch_detail: str
+    blockirq: bool = False
+
+    @classmethod
+    def assumed(cls) -> "DebugCaps":
+        """No probe: hardware breakpoints only (safe everywhere)."""
+        return cls(False, "not probed", True, "not probed", False, "not probed")
+
+
+_WATCH_GPA = 0x200000
+_PROBE_EXIT = b"\xb0\x00\xe6\xf4\xf4"               # mov al,0; out 0xf4,al; hlt
+_PROBES: dict[str, tuple[bytes, int, tuple[int, ...], int]] = {
+    # name: (code at 0x100000, control, debugreg, KVM_EXIT_DEBUG exception expected)
+    "sw": (b"\xcc" + _PROBE_EXIT, ks.KVM_GUESTDBG_ENABLE | ks.KVM_GUESTDBG_USE_SW_BP,
+           _ZERO_DRS, 3),
+    "hw": (b"\x90" + _PROBE_EXIT, ks.KVM_GUESTDBG_ENABLE | ks.KVM_GUESTDBG_USE_HW_BP,
+           (0x100001, 0, 0, 0, 0, 0, 0, DR7_FIXED | 0b10), 1),
+    # mov dword [0x200000], 1 with DR0 a 4-byte write watch on it
+    "watch": (b"\xc7\x04\x25" + _WATCH_GPA.to_bytes(4, "little") + b"\x01\x00\x00\x00"
+              + _PROBE_EXIT, ks.KVM_GUESTDBG_ENABLE | ks.KVM_GUESTDBG_USE_HW_BP,
+              (_WATCH_GPA, 0, 0, 0, 0, 0, 0,
+               DR7_FIXED | 0b10 | (_RW_WRITE << 16) | (_LEN_BITS[4] << 18)), 1),
+}
+_probe_lock = threading.Lock()
+_probed: DebugCaps | None = None
+
+
+def _probe_one(name: str) -> tuple[bool, str]:
+    from ..machine import Machine
+    code, control, drs, want = _PROBES[name]
+    fd, path = tempfile.mkstemp(prefix=f"regsync-probe-{name}-", suffix=".bin")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(code)
+        with Machine(smp=1, mem_mb=4, irqchip=False) as m:
+            m.load(path, mode="long")
+            v = m.vcpus[0]
+            v.set_guest_debug(control, list(drs))
+            for _ in range(8):
+                ex = v.run()
+                if ex.kind == "interrupted":
+                    continue
+                if ex.kind == "debug" and ex.exception == want:  # type: ignore[attr-defined]
+                    return True, f"KVM_EXIT_DEBUG exception {want} at {ex.pc:#x}"  # type: ignore[attr-defined]
+                if ex.kind == "io":
+                    return False, "the guest ran past it (no exit)"
+                detail = getattr(ex, "description", "")
+                return False, f"probe got {ex.kind}{' (' + detail + ')' if detail else ''}"
+            return False, "no exit"
+    except (KvmError, OSError, ValueError) as e:
+        return False, f"probe failed: {e}"
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def probe_debug_caps(force: bool = False) -> DebugCaps:
+    """Find out once per process, in throwaway VMs, whether int3 interception
+    (KVM_GUESTDBG_USE_SW_BP), hardware breakpoints and data watchpoints work."""
+    global _probed
+    with _probe_lock:
+        if _probed is not None and not force:
+            return _probed
+        sw, sw_d = _probe_one("sw")
+        hw, hw_d = _probe_one("hw")
+        watch, watch_d = _probe_one("watch") if hw else (False, "no hardware breakpoints")
+        blockirq = False
+        try:
+            from ..kvm import System
+            with System() as kvm:
+                blockirq = bool(kvm.check_extension(KVM_CAP_SET_GUEST_DEBUG2)
+                                & ks.KVM_GUESTDBG_BLOCKIRQ)
+        except Exception:  # noqa: BLE001 - an optional refinement
+            pass
+        _probed = DebugCaps(sw, sw_d, hw, hw_d, watch, watch_d, blockirq)
+        return _probed
+
+
+# --- records --------------------------------------------------------------------------
+
+@dataclass
+class StopRecord:
+    """A claimed stop, handed from a vCPU thread (or interrupt) to the server."""
+
+    gen: int
+    tid: int
+    signal: int
+    reason: str | None = None
+    address: int | None = None
+    values: dict[str, int] | None = None     # _SNAP_REGS read at the exit
+    t_exit: int = 0                          # perf_counter_ns at the debug exit
+    ioctls_at_exit: tuple[int, int] = (0, 0)  # (all, register) summed over vCPUs
+
+
+@dataclass
+class Slot:
+    addr: int
+    rw: int
+    length: int
+    origin: int            # the Z type that asked for it
+    refs: int = 1
+
+    @property
+    def label(self) -> str:
+        what = {BP_SOFTWARE: "break (Z0, hardware fallback)", BP_HARDWARE: "hbreak (Z1)",
+                BP_WRITE_WATCH: "watch (Z2)", BP_ACCESS_WATCH: "awatch (Z4)"}[self.origin]
+        return f"{what} at {self.addr:#x}" + (f" len {self.length}" if self.rw else "")
+
+
+@dataclass
+class StubStats:
+    stops: int = 0
+    debug_exits: int = 0
+    injected: int = 0
+    dropped: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+    stop_ioctls: list[tuple[int, int]] = field(default_factory=list)   # (all, register)
+    guest_debug_sets: int = 0
+
+
+class MachineTarget(TargetBase):
+    """Target over a :class:`~regsync.machine.Machine` (one thread per vCPU)."""
+
+    def __init__(self, machine: "Machine", caps: DebugCaps | None = None,
+                 notify: Callable[[StopRecord], None] | None = None) -> None:
+        self.m = machine
+        self.caps = caps if caps is not None else probe_debug_caps()
+        self.notify: Callable[[StopRecord], None] = notify or (lambda rec: None)
+        #: The core's current thread (the server wires it to the core).
+        self.current_thread: Callable[[], int] = lambda: 1
+        self.step_mode = "alone"
+        self.stats = StubStats()
+        self._lock = threading.Lock()
+        self._state = "detached"
+        self._gen = 0
+        self._stepping: set[int] = set()
+        self.slots: list[Slot | None] = [None] * NSLOTS
+        self.sw: dict[int, tuple[int, int]] = {}        # vaddr -> (gpa, original byte)
+        self._applied: dict[int, tuple[int, tuple[int, ...]]] = {}
+        self._snap: dict[int, dict[str, int]] = {}
+        self._cheap_prefix: dict[str, int] = {}
+
+    # --- helpers ---------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def _vcpu(self, tid: int) -> "Vcpu":
+        vid = tid - 1
+        if not 0 <= vid < len(self.m.vcpus):
+            raise TargetError(errno.ESRCH, f"no thread {tid}")
+        return self.m.vcpus[vid]
+
+    def _call(self, v: "Vcpu", fn: Callable[[], Any]) -> Any:
+        """run_on_cpu with the VM's failures turned into refusals."""
+        try:
+            return self.m.run_on_cpu(v, fn, timeout=10.0)
+        except (VcpuStopped, TimeoutError) as e:
+            raise TargetError(errno.ESRCH, str(e)) from None
+        except KvmError as e:
+            raise TargetError(e.errno or errno.EIO, str(e)) from None
+
+    def _thread(self, vid: int) -> Any:
+        for t in self.m.threads:
+            if t.vcpu.id == vid:
+                return t
+        return None
+
+    def _ioctl_totals(self) -> tuple[int, int]:
+        total = reg = 0
+        for v in self.m.vcpus:
+            c = v.handle.counters
+            total += sum(c.values())
+            reg += register_ioctls(c)
+        return total, reg
+
+    def _read_snapshot(self, v: "Vcpu") -> dict[str, int]:
+        regs = v.regs
+        return {n: regs[n] for n in _SNAP_REGS}
+
+    def _snapshot(self, tid: int) -> dict[str, int]:
+        vid = tid - 1
+        snap = self._snap.get(vid)
+        if snap is None:
+            v = self._vcpu(tid)
+            snap = self._snap[vid] = self._call(v, lambda: self._read_snapshot(v))
+        return snap
+
+    def _paging(self, tid: int) -> Paging:
+        s = self._snapshot(tid)
+        return Paging(s["cr0"], s["cr3"], s["cr4"], s["efer"])
+
+    # --- connection lifecycle (server thread) ------------------------------------------
+    def attach(self) -> StopEvent:
+        """gdb connected: stop the machine (if it runs) and report thread 1."""
+        with self._lock:
+            self._state = "stopping"
+            self._gen += 1
+        self.m.pause_all()
+        with self._lock:
+            self._state = "stopped"
+        self._snap.clear()
+        return StopEvent(tid=1, signal=SIGTRAP)
+
+    def complete_stop(self, rec: StopRecord, layout: RegisterLayout) -> StopEvent | None:
+        """Finish a stop claimed by ``rec``: wait for all vCPUs to pause, return
+        the event to report (None if the record is stale)."""
+        with self._lock:
+            if rec.gen != self._gen or self._state != "stopping":
+                self.stats.dropped += 1
+                return None
+        try:
+            self.m.pause_all()
+        except TimeoutError:
+            pass  # a vCPU stuck in the kernel: report anyway, it is asked to pause
+        with self._lock:
+            self._state = "stopped"
+            self._stepping.clear()
+        self._snap.clear()
+        if rec.values is not None:
+            self._snap[rec.tid - 1] = rec.values
+        try:
+            snap = self._snapshot(rec.tid)
+        except TargetError:
+            snap = None
+        expedite = None
+        if snap is not None:
+            expedite = {r.regnum: value_to_bytes(r, snap[r.source])
+                        for r in layout.expedite_registers if r.source in snap}
+        self.stats.stops += 1
+        return StopEvent(rec.tid, rec.signal, rec.reason, rec.address, expedite)
+
+    # --- KVM_EXIT_DEBUG (vCPU thread) ---------------------------------------------------
+    def on_debug_exit(self, vcpu: "Vcpu", ex: "DebugExit") -> None:
+        t_exit = time.perf_counter_ns()
+        vid = vcpu.id
+        self.stats.debug_exits += 1
+        with self._lock:
+            state = self._state
+            if state == "detached":
+                return      # a late exit racing a detach: the debug state is being cleared
+            reason: str | None = None
+            address: int | None = None
+            ours = False
+            if ex.exception == 1:
+                if vid in self._stepping and ex.dr6 & DR6_BS:
+                    ours = True
+                for i, slot in enumerate(self.slots):
+                    if slot is not None and ex.dr6 & (1 << i):
+                        ours = True
+                        if slot.rw == _RW_EXEC:
+                            reason = "swbreak" if slot.origin == BP_SOFTWARE else "hwbreak"
+                        else:
+                            reason = "watch" if slot.rw == _RW_WRITE else "awatch"
+                            address = slot.addr
+                        break
+            elif ex.exception == 3:
+                rip = vcpu.regs.rip
+                if rip in self.sw:
+                    ours, reason = True, "swbreak"
+                elif rip - 1 in self.sw:           # trap-like report: back to the int3
+                    vcpu.regs.rip = rip - 1
+                    ours, reason = True, "swbreak"
+            if not ours:
+                self._inject(vcpu, ex.exception)
+                return
+            self.m.stop_all_from(vcpu)
+            if state != "running":
+                self.stats.dropped += 1
+                return
+            self._state = "stopping"
+            gen = self._gen
+        values = self._read_snapshot(vcpu)       # held after the exit: no ioctl
+        self.notify(StopRecord(gen, vid + 1, SIGTRAP, reason, address, values, t_exit,
+                               self._ioctl_totals()))
+
+    def _inject(self, vcpu: "Vcpu", exception: int) -> None:
+        """The guest's own #DB/#BP: hand it back to the guest on the next entry."""
+        control, drs = self._applied.get(vcpu.id, (0, _ZERO_DRS))
+        flag = ks.KVM_GUESTDBG_INJECT_DB if exception == 1 else ks.KVM_GUESTDBG_INJECT_BP
+        try:
+            vcpu.set_guest_debug(control | flag, list(drs))
+            self.stats.injected += 1
+        except KvmError:
+            pass  # EBUSY: an exception is already pending; it is delivered first
+
+    # --- Target: threads and registers ---------------------------------------------------
+    def threads(self) -> list[int]:
+        return [v.id + 1 for v in self.m.vcpus]
+
+    def thread_extra_info(self, tid: int) -> str:
+        v = self._vcpu(tid)
+        snap = self._snapshot(tid)
+        mode = Paging(snap["cr0"], snap["cr3"], snap["cr4"], snap["efer"]).mode
+        t = self._thread(v.id)
+        extra = " halted" if t is not None and t.state is RunState.STOPPED else ""
+        return f"vCPU {v.id} rip={snap['rip']:#x} {mode}{extra}"
+
+    def register_layout(self, tid: int) -> RegisterLayout:
+        v = self._vcpu(tid)
+        cr0, efer, cs_attr = self._call(
+            v, lambda: (v.regs.cr0, v.regs.efer, v.regs["cs.attr"]))
+        if not cr0 & 1:
+            return I8086_LAYOUT
+        if efer & (1 << 10) and cs_attr & (1 << 13):
+            return X86_64_LAYOUT
+        return I386_LAYOUT
+
+    def _prefix(self, layout: RegisterLayout) -> int:
+        n = self._cheap_prefix.get(layout.arch)
+        if n is None:
+            n = 0
+            for reg in layout.registers:
+                src = CATALOG.by_name.get(reg.source) if reg.source else None
+                if reg.view or src is None or src.group not in _FREE_GROUPS:
+                    break
+                n += 1
+            self._cheap_prefix[layout.arch] = n = max(n, 1)
+        return n
+
+    def read_registers(self, tid: int, layout: RegisterLayout) -> list[bytes | None]:
+        """The leading registers that come free with every exit (general,
+        rip, eflags, segments); gdb reads x87/SSE/MSR-backed ones with 'p'."""
+        v = self._vcpu(tid)
+        regs = layout.registers[: self._prefix(layout)]
+        get = v.regs.__getitem__
+        return self._call(v, lambda: [register_bytes(r, get) for r in regs])
+
+    def read_register(self, tid: int, reg: GdbRegister) -> bytes | None:
+        v = self._vcpu(tid)
+
+        def read() -> bytes | None:
+            try:
+                return register_bytes(reg, v.regs.__getitem__)
+            except KeyError:            # an MSR this host does not save
+                return None
+        return self._call(v, read)
+
+    def write_register(self, tid: int, reg: GdbRegister, data: bytes) -> None:
+        v = self._vcpu(tid)
+
+        def write() -> None:
+            for name, value in register_updates(reg, data, v.regs.__getitem__).items():
+                v.regs[name] = value
+        self._call(v, write)
+        self._snap.pop(v.id, None)
+
+    # --- memory --------------------------------------------------------------------------
+    def _phys_reader(self) -> Callable[[int, int], int]:
+        mem = self.m.memory
+        return lambda gpa, n: int.from_bytes(mem.read(gpa, n), "little")
+
+    def _pieces(self, tid: int, addr: int, length: int) -> list[tuple[int, int]]:
+        try:
+            return list(ranges(self._phys_reader(), self._paging(tid), addr, length))
+        except PageFault as e:
+            raise TargetError(errno.EFAULT, str(e)) from None
+
+    def read_memory(self, tid: int, addr: int, length: int) -> bytes:
+        out = bytearray()
+        try:
+            for gpa, n in self._pieces(tid, addr, length):
+                out += self.m.memory.read(gpa, n)
+        except GuestMemoryError as e:
+            raise TargetError(errno.EFAULT, str(e)) from None
+        for bp, (_, orig) in self.sw.items():    # gdb must not see our int3s
+            if addr <= bp < addr + length:
+                out[bp - addr] = orig
+        return bytes(out)
+
+    def write_memory(self, tid: int, addr: int, data: bytes) -> None:
+        pieces = self._pieces(tid, addr, len(data))
+        buf = bytearray(data)
+        for bp, (gpa, _) in list(self.sw.items()):  # keep our int3, update what it hides
+            if addr <= bp < addr + len(data):
+                self.sw[bp] = (gpa, buf[bp - addr])
+                buf[bp - addr] = 0xCC
+        off = 0
+        try:
+            for gpa, n in pieces:
+                self.m.memory.write(gpa, bytes(buf[off:off + n]))
+                off += n
+        except GuestMemoryError as e:
+            raise TargetError(errno.EFAULT, str(e)) from None
+
+    # --- breakpoints ---------------------------------------------------------------------
+    def insert_breakpoint(self, kind: int, addr: int, length: int) -> None:
+        if kind == BP_SOFTWARE and self.caps.sw_breakpoints:
+            self._insert_sw(addr)
+            return
+        if kind in (BP_SOFTWARE, BP_HARDWARE):
+            if not self.caps.hw_breakpoints:
+                raise TargetError(errno.ENOSYS, "hardware breakpoints do not work here")
+            rw, size = _RW_EXEC, 1
+        elif kind == BP_READ_WATCH:
+            raise Unsupported()             # x86 has no read-only data breakpoint
+        else:
+            if not self.caps.watchpoints:
+                raise Unsupported()         # the probe saw no data breakpoint fire
+            if length not in _LEN_BITS or addr % length:
+                raise TargetError(errno.EINVAL, "watch 1, 2, 4 or 8 aligned bytes")
+            rw, size = (_RW_WRITE if kind == BP_WRITE_WATCH else _RW_ACCESS), length
+        for slot in self.slots:
+            if slot is not None and (slot.addr, slot.rw, slot.length, slot.origin) == \
+                    (addr, rw, size, kind):
+                slot.refs += 1
+                return
+        for i, slot in enumerate(self.slots):
+            if slot is None:
+                self.slots[i] = Slot(addr, rw, size, kind)
+                return
+        raise TargetError(errno.ENOSPC, "all 4 debug registers are in use")
+
+    def remove_breakpoint(self, kind: int, addr: int, length: int) -> None:
+        if kind == BP_SOFTWARE and self.caps.sw_breakpoints:
+            self._remove_sw(addr)
+            return
+        for i, slot in enumerate(self.slots):
+            if slot is not None and slot.addr == addr and slot.origin == kind:
+                slot.refs -= 1
+                if slot.refs <= 0:
+                    self.slots[i] = None
+                return
+
+    def _insert_sw(self, addr: int) -> None:
+        if addr in self.sw:
+            return
+        tid = self.current_thread()
+        (gpa, _), = self._pieces(tid, addr, 1)
+        try:
+            orig = self.m.memory.read(gpa, 1)[0]
+            self.m.memory.write(gpa, b"\xcc")
+        except GuestMemoryError as e:
+            raise TargetError(errno.EFAULT, str(e)) from None
+        self.sw[addr] = (gpa, orig)
+
+    def _remove_sw(self, addr: int) -> None:
+        entry = self.sw.pop(addr, None)
+        if entry is not None:
+            gpa, orig = entry
+            self.m.memory.write(gpa, bytes([orig]))
+
+    def _debug_state(self, step: bool) -> tuple[int, tuple[int, ...]]:
+        control = 0
+        drs = _ZERO_DRS
+        if any(self.slots):
+            control |= ks.KVM_GUESTDBG_ENABLE | ks.KVM_GUESTDBG_USE_HW_BP
+            dr7 = DR7_FIXED | DR7_GE
+            addrs = [0, 0, 0, 0]
+            for i, slot in enumerate(self.slots):
+                if slot is not None:
+                    addrs[i] = slot.addr
+                    dr7 |= (2 << (2 * i)) | (slot.rw << (16 + 4 * i)) \
+                        | (_LEN_BITS[slot.length] << (18 + 4 * i))
+            drs = (*addrs, 0, 0, 0, dr7)
+        if self.sw:
+            control |= ks.KVM_GUESTDBG_ENABLE | ks.KVM_GUESTDBG_USE_SW_BP
+        if step:
+            control |= ks.KVM_GUESTDBG_ENABLE | ks.KVM_GUESTDBG_SINGLESTEP
+            if self.caps.blockirq:
+                control |= ks.KVM_GUESTDBG_BLOCKIRQ
+        return control, drs
+
+    def _apply(self, v: "Vcpu", want: tuple[int, tuple[int, ...]]) -> None:
+        """Give ``v`` the guest-debug state ``want`` (on its thread, only if it differs)."""
+        if self._applied.get(v.id, (0, _ZERO_DRS)) == want:
+            return
+
+        def apply() -> None:
+            v.set_guest_debug(want[0], list(want[1]))
+            self._applied[v.id] = want
+            self.stats.guest_debug_sets += 1
+        self._call(v, apply)
+
+    # --- resume, interrupt, detach, kill -------------------------------------------------
+    def resume(self, actions: dict[int, Action], default: Action | None) -> None:
+        plan = {tid - 1: letter for tid, (letter, _sig) in actions.items()}
+        stepping = {vid for vid, letter in plan.items() if letter == "s"}
+        if default is not None and not (stepping and self.step_mode == "alone"):
+            for v in self.m.vcpus:
+                plan.setdefault(v.id, default[0])
+                if default[0] == "s":
+                    stepping.add(v.id)
+        if not plan:                       # nothing named: run everything
+            plan = {v.id: "c" for v in self.m.vcpus}
+        # Signals cannot be delivered to a VM: they are ignored.
+        for vid in plan:
+            self._apply(self.m.vcpus[vid], self._debug_state(vid in stepping))
+        with self._lock:
+            self._state = "running"
+            self._gen += 1
+            self._stepping = stepping
+        self._snap.clear()
+        for vid in plan:
+            t = self._thread(vid)
+            if t is None:
+                continue
+            try:
+                t.post("resume")
+            except VcpuStopped:
+                pass
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if self._state != "running":
+                return
+            self._state = "stopping"
+            gen = self._gen
+        self.notify(StopRecord(gen, self.current_thread(), SIGINT, t_exit=time.perf_counter_ns(),
+                               ioctls_at_exit=self._ioctl_totals()))
+
+    def detach(self) -> None:
+        """Remove every breakpoint, clear guest debug everywhere, let the VM run."""
+        with self._lock:
+            self._state = "detached"
+            self._gen += 1
+            self._stepping.clear()
+        try:
+            self.m.pause_all()       # a consistent point: no stop half-way through
+        except TimeoutError:
+            pass
+        for addr in list(self.sw):
+            self._remove_sw(addr)
+        self.slots = [None] * NSLOTS
+        for v in self.m.vcpus:
+            try:
+                self._apply(v, (0, _ZERO_DRS))
+            except TargetError:
+                pass
+        self._snap.clear()
+        self.m.resume_all()
+
+    def kill(self) -> None:
+        with self._lock:
+            self._state = "detached"
+            self._gen += 1
+        self.m.stop(KILL_STATUS)
+
+    # --- monitor ------------------------------------------------------------------------
+    def monitor(self, command: str) -> str:
+        words = command.split()
+        if words in (["info", "sync"], ["sync"]):
+            return self._info_sync()
+        if words == ["regs"]:
+            from ..regdump import format_dump
+            v = self._vcpu(self.current_thread())
+            return f"vCPU {v.id}:\n" + format_dump(self._call(v, v.regs.dump)) + "\n"
+        if words in (["info", "bp"], ["info", "breakpoints"]):
+            return self._info_bp()
+        if words[:1] == ["step-mode"]:
+            if len(words) == 2 and words[1] in ("alone", "all"):
+                self.step_mode = words[1]
+            return f"step-mode {self.step_mode}: a step runs " + (
+                "only the stepping vCPU\n" if self.step_mode == "alone"
+                else "the other vCPUs too (when gdb asks)\n")
+        return ("regsync monitor commands:\n"
+                "  info sync      per vCPU: exits, ioctls by name, register cache work\n"
+                "  regs           every register of the current thread (the ALL dump)\n"
+                "  info bp        breakpoints and debug-register slots\n"
+                "  step-mode [alone|all]  whether other vCPUs run during a step\n")
+
+    def _info_sync(self) -> str:
+        lines = []
+        for v in self.m.vcpus:
+            st = v.stats
+            io = st["ioctls"]
+            lines.append(f"vCPU {v.id}: {st['exits']} exits, {io.get('KVM_RUN', 0)} KVM_RUN, "
+                         f"{register_ioctls(io)} register ioctls")
+            lines.append("  ioctls: " + ", ".join(f"{k}={n}" for k, n in sorted(io.items())))
+            lines.append(f"  fetches: {st['fetches'] or '{}'}  writes: {st['writes'] or '{}'}"
+                         f"  via kvm_run: {st['deferred_writes'] or '{}'}")
+            lines.append(f"  local reads: {st['local_reads']}  fetches avoided: "
+                         f"{st['fetches_avoided']}  write-backs avoided: {st['writes_avoided']}")
+        s = self.stats
+        lat = sorted(s.latencies_ns)
+        med = f"{lat[len(lat) // 2] / 1000:.0f} us" if lat else "-"
+        lines.append(f"stub: {s.stops} stops (median exit-to-reply {med}), {s.debug_exits} debug "
+                     f"exits, {s.injected} re-injected, {s.guest_debug_sets} KVM_SET_GUEST_DEBUG")
+        return "\n".join(lines) + "\n"
+
+    def _info_bp(self) -> str:
+        lines = []
+        used = 0
+        for i, slot in enumerate(self.slots):
+            if slot is not None:
+                used += 1
+                lines.append(f"hw slot {i} (DR{i}): {slot.label}")
+        lines.append(f"hardware slots: {used}/{NSLOTS} in use")
+        for addr in sorted(self.sw):
+            lines.append(f"sw breakpoint (int3) at {addr:#x}")
+        c = self.caps
+        if c.sw_breakpoints:
+            lines.append(f"software breakpoints: int3 ({c.sw_detail})")
+        else:
+            lines.append("software breakpoints: fall back to hardware slots: int3 is not "
+                         f"intercepted by KVM here ({c.sw_detail})")
+        lines.append("watchpoints: " + ("hardware (DR7 R/W)" if c.watchpoints else
+                                         f"unavailable ({c.watch_detail})"))
+        return "\n".join(lines) + "\n"
+
+    # --- VM exit ------------------------------------------------------------------------
+    def exit_reply_args(self, status: int) -> tuple[int, int | None]:
+        """(status, signal) for the core's on_exit: X for a dying guest."""
+        if status == EXIT_FATAL and self.m.fatal:
+            return status, 11           # SIGSEGV
+        if status == EXIT_WATCHDOG:
+            return status, 14           # SIGALRM
+        if status == KILL_STATUS:
+            return status, 9
+        return status, None
