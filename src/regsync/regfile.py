@@ -31,16 +31,7 @@ class _RegisterAttr:
             return self.get(c.locals[self.group])
         return c.read(self.reg)
 
-    def __set__(self, obj: Any, value: int) -> None:
-        c: RegisterCache = obj._cache
-        # Hot path, the plain cache's write() inlined: an in-range int is stored in
-        # the local copy and marked dirty. Anything else takes the checked path.
-        if c.plain_writes and type(value) is int and 0 <= value <= self.mask:
-            self.set(c.locals[self.group], value)
-            c.dirty[self.group][self.reg] = value
-            c.dirty_mask |= self.bit
-        else:
-            c.write(self.reg, value)
+    # Writes go through RegisterFileBase.__setattr__ (one frame, with suggestions).
 
 
 class _AliasAttr:
@@ -65,6 +56,7 @@ class RegisterFileBase:
     __slots__ = ("_cache", "_extra")
     _catalog: Catalog
     _names: dict[str, Register | Alias]
+    _writers: dict[str, Any]
     _msr_aliases: dict[int, str] = {}
     _msr_by_index: dict[int, Register] = {}
 
@@ -94,6 +86,25 @@ class RegisterFileBase:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise AttributeError(f"no register named {name!r}{hint}")
 
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # One Python frame, like a descriptor's __set__ would cost, but an unknown
+        # name gets suggestions. The plain cache's write() is inlined (hot path).
+        try:
+            attr = self._writers[name]
+        except KeyError:
+            self.__getattr__(name)          # raises AttributeError with suggestions
+            raise
+        if type(attr) is _RegisterAttr:
+            c = self._cache
+            if c.plain_writes and type(value) is int and 0 <= value <= attr.mask:
+                attr.set(c.locals[attr.group], value)
+                c.dirty[attr.group][attr.reg] = value
+                c.dirty_mask |= attr.bit
+                return
+            c.write(attr.reg, value)
+        else:
+            attr.__set__(self, value)
 
     def __contains__(self, name: str) -> bool:
         return name in self._names
@@ -166,4 +177,5 @@ def make_register_file(catalog: Catalog,
         names[alias.name] = alias
         ns[_attr_name(alias.name)] = _AliasAttr(alias, catalog.by_name[alias.home])
     ns["_names"] = names
+    ns["_writers"] = {k: v for k, v in ns.items() if isinstance(v, (_RegisterAttr, _AliasAttr))}
     return type(f"{catalog.arch}Registers", (RegisterFileBase,), ns)
