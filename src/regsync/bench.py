@@ -175,6 +175,43 @@ def run_all(quick: bool = False, progress: Callable[[str], None] = print) -> lis
     return cells
 
 
+def run_on_cpu_latency(kicks: int = 1000) -> dict[str, float]:
+    """run_on_cpu on a vCPU spinning in the guest (no exits of its own): µs per call."""
+    from .guests import symbols
+    with Machine(smp=2, serial_out=open(os.devnull, "w")) as m:
+        m.load("spin")
+        m.start()
+        time.sleep(0.2)
+        v = m.vcpus[0]
+        lat = []
+        for _ in range(kicks):
+            t0 = time.perf_counter()
+            m.run_on_cpu(v, lambda: v.regs.rip)
+            lat.append((time.perf_counter() - t0) * 1e6)
+        m.memory.write_u64(symbols("spin")["spin_stop"], 1)
+        m.wait(30)
+    lat.sort()
+    return {"kicks": kicks, "median_us": lat[len(lat) // 2],
+            "p99_us": lat[int(len(lat) * 0.99) - 1], "max_us": lat[-1]}
+
+
+def demo_wall_times(cpus: tuple[int, ...] = (1, 2, 4), repeat: int = 5) -> dict[int, float]:
+    """Wall time of the SMP demo guest, creation to exit, median of repeat runs (ms)."""
+    out: dict[int, float] = {}
+    for n in cpus:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            with Machine(smp=n, serial_out=open(os.devnull, "w")) as m:
+                m.load("smp")
+                m.start()
+                if m.wait(60) != 0:
+                    raise RuntimeError(f"smp demo failed on {n} vCPUs")
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[n] = statistics.median(times)
+    return out
+
+
 def table(cells: list[Cell]) -> str:
     lines = ["| workload | strategy | exits/s | × raw | ioctls/exit | register ioctls/exit |",
              "|---|---|---:|---:|---:|---:|"]
@@ -199,10 +236,17 @@ def main(quick: bool = False, out: str = "benchmarks/results.json") -> int:
     text = table(cells)
     print()
     print(text)
+    lat = run_on_cpu_latency(300 if quick else 1000)
+    demo = demo_wall_times(repeat=3 if quick else 5)
+    print(f"\nrun_on_cpu on a spinning vCPU ({lat['kicks']} kicks): median {lat['median_us']:.0f} µs, "
+          f"p99 {lat['p99_us']:.0f} µs, max {lat['max_us']:.0f} µs")
+    print("SMP demo wall time (create, boot, run, exit; median): " +
+          ", ".join(f"{n} vCPU{'s' if n > 1 else ''} {ms:.1f} ms" for n, ms in demo.items()))
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": quick,
                                 "python": platform.python_version(),
-                                "cells": [asdict(c) for c in cells]}, indent=1))
+                                "cells": [asdict(c) for c in cells],
+                                "run_on_cpu": lat, "smp_demo_ms": demo}, indent=1))
     print(f"\nJSON written to {path}")
     return 0
