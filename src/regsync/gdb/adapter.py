@@ -39,6 +39,7 @@ step-mode all|alone``.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 import threading
@@ -658,6 +659,8 @@ class MachineTarget(TargetBase):
             return f"vCPU {v.id}:\n" + format_dump(self._call(v, v.regs.dump)) + "\n"
         if words in (["info", "bp"], ["info", "breakpoints"]):
             return self._info_bp()
+        if words == ["stats"]:
+            return json.dumps(self.stats_dict()) + "\n"
         if words[:1] == ["step-mode"]:
             if len(words) == 2 and words[1] in ("alone", "all"):
                 self.step_mode = words[1]
@@ -668,7 +671,8 @@ class MachineTarget(TargetBase):
                 "  info sync      per vCPU: exits, ioctls by name, register cache work\n"
                 "  regs           every register of the current thread (the ALL dump)\n"
                 "  info bp        breakpoints and debug-register slots\n"
-                "  step-mode [alone|all]  whether other vCPUs run during a step\n")
+                "  step-mode [alone|all]  whether other vCPUs run during a step\n"
+                "  stats          the counters above as JSON\n")
 
     def _info_sync(self) -> str:
         lines = []
@@ -688,6 +692,17 @@ class MachineTarget(TargetBase):
         lines.append(f"stub: {s.stops} stops (median exit-to-reply {med}), {s.debug_exits} debug "
                      f"exits, {s.injected} re-injected, {s.guest_debug_sets} KVM_SET_GUEST_DEBUG")
         return "\n".join(lines) + "\n"
+
+    def stats_dict(self) -> dict[str, Any]:
+        """Machine-readable counters: ioctls per vCPU and the stub's stop costs."""
+        s = self.stats
+        return {
+            "ioctls": [dict(v.handle.counters) for v in self.m.vcpus],
+            "register_ioctls": [register_ioctls(v.handle.counters) for v in self.m.vcpus],
+            "stops": s.stops, "debug_exits": s.debug_exits, "injected": s.injected,
+            "guest_debug_sets": s.guest_debug_sets, "latencies_ns": list(s.latencies_ns),
+            "stop_ioctls": [list(x) for x in s.stop_ioctls], "step_mode": self.step_mode,
+        }
 
     def _info_bp(self) -> str:
         lines = []
