@@ -72,7 +72,7 @@ def _loop(workload: str, strategy: str, m: Machine, n: int) -> None:
     elif workload == "hypercall":
         for _ in range(n):
             ex = run()
-            if ex.port == HYPERCALL:  # type: ignore[attr-defined]
+            if ex.port == HYPERCALL:  # type: ignore[union-attr]
                 regs.rax = regs.rdi + regs.rsi
     elif workload == "debugger":
         runtime = LEVELS["RUNTIME"]

@@ -20,8 +20,8 @@ class Exit:
     kind = "unsupported"
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__
-                           if not n.startswith("_"))
+        names: tuple[str, ...] = self.__slots__  # type: ignore[assignment]
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in names if not n.startswith("_"))
         return f"{type(self).__name__}({fields})"
 
 
@@ -56,12 +56,11 @@ class IoExit(tuple):  # type: ignore[type-arg]
         """Answer an IN: bytes (size*count of them) or an int for each element."""
         if self.direction != "in":
             raise ValueError(f"port {self.port:#x}: respond() answers an IN, this is an OUT")
-        if isinstance(data, int):
-            data = data.to_bytes(self.size, "little") * self.count
-        if len(data) != self.size * self.count:
+        raw = data.to_bytes(self.size, "little") * self.count if isinstance(data, int) else data
+        if len(raw) != self.size * self.count:
             raise ValueError(f"port {self.port:#x}: IN wants {self.size * self.count} bytes, "
-                             f"got {len(data)}")
-        ctypes.memmove(self._addr, data, len(data))
+                             f"got {len(raw)}")
+        ctypes.memmove(self._addr, raw, len(raw))
 
 
 class MmioExit(Exit):
@@ -187,3 +186,6 @@ def decode(run: s.kvm_run, run_addr: int, view: memoryview | None = None) -> Exi
         n = min(run.system_event.ndata, 16)
         return SystemEventExit(run.system_event.type, tuple(run.system_event.data[:n]))
     return UnsupportedExit(reason)
+
+
+AnyExit = Exit | IoExit   # what Vcpu.run() returns (IoExit is a tuple for speed)

@@ -65,10 +65,10 @@ class Vcpu:
         self._plain_cache = type(self.cache).before_run is RegisterCache.before_run
         self._run_view = memoryview((ctypes.c_char * ctypes.sizeof(ks.kvm_run)).from_address(
             handle.run_page_addr)).cast("B")
-        self.last_exit: exits.Exit | exits.IoExit | None = None
+        self.last_exit: exits.AnyExit | None = None
 
     # --- the run ---------------------------------------------------------------------
-    def run(self) -> exits.Exit:
+    def run(self) -> exits.AnyExit:
         """Flush dirty registers, enter the guest once, return the decoded exit."""
         cache = self.cache
         if cache.dirty_mask:
@@ -90,7 +90,7 @@ class Vcpu:
         cache.after_run()
         if rc < 0:
             self._run_page.immediate_exit = 0
-            ex: exits.Exit = exits.INTERRUPTED
+            ex: exits.AnyExit = exits.INTERRUPTED
         else:
             ex = exits.decode(self._run_page, self._run_addr, self._run_view)
         self.last_exit = ex

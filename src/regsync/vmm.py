@@ -18,6 +18,7 @@ inbox after every KVM_RUN, so no request is missed.
 from __future__ import annotations
 
 import collections
+import functools
 import enum
 import signal
 import sys
@@ -78,7 +79,7 @@ def install_kick_handler() -> bool:
 class VcpuThread:
     """Runs one vCPU: KVM_RUN, dispatch the exit, drain messages, repeat."""
 
-    def __init__(self, vcpu: Vcpu, dispatch: Callable[[Vcpu, exits.Exit], None],
+    def __init__(self, vcpu: Vcpu, dispatch: Callable[[Vcpu, exits.AnyExit], None],
                  on_error: Callable[[Vcpu, BaseException], None], paused: bool = False) -> None:
         self.vcpu = vcpu
         self.dispatch = dispatch
@@ -215,32 +216,30 @@ class VmmMixin:
         self.halted: set[int] = set()
 
     # --- dispatch (runs on vCPU threads) ------------------------------------------------
-    def dispatch(self, vcpu: Vcpu, ex: exits.Exit) -> None:
-        kind = ex.kind
-        if kind == "io":
-            self.bus.dispatch(vcpu, ex)  # type: ignore[arg-type]
-        elif kind == "mmio":
-            if not ex.is_write:  # type: ignore[attr-defined]
-                ex.respond(b"\xff" * ex.length)  # type: ignore[attr-defined]
-        elif kind == "debug":
+    def dispatch(self, vcpu: Vcpu, ex: exits.AnyExit) -> None:
+        if type(ex) is exits.IoExit:
+            self.bus.dispatch(vcpu, ex)
+        elif isinstance(ex, exits.MmioExit):
+            if not ex.is_write:
+                ex.respond(b"\xff" * ex.length)       # nothing is mapped there
+        elif isinstance(ex, exits.DebugExit):
             if self.debug_handler is not None:
-                self.debug_handler(vcpu, ex)  # type: ignore[arg-type]
-        elif kind == "hlt":
+                self.debug_handler(vcpu, ex)
+        elif isinstance(ex, exits.HltExit):
             # Without an in-kernel irqchip nothing can wake a halted vCPU.
             self.halted.add(vcpu.id)
             self._thread_of(vcpu).state = RunState.STOPPED
             if len(self.halted) == len(self.vcpus):
                 self._finish(0)
-        elif kind == "system_event":
-            etype = ex.type  # type: ignore[attr-defined]
-            if etype == 2:
+        elif isinstance(ex, exits.SystemEventExit):
+            if ex.type == 2:
                 threading.Thread(target=self.reset, name="reset", daemon=True).start()
             else:
                 self._finish(0)
-        else:
+        elif not isinstance(ex, exits.InterruptedExit):
             self._fatal_exit(vcpu, ex)
 
-    def _fatal_exit(self, vcpu: Vcpu, ex: exits.Exit) -> None:
+    def _fatal_exit(self, vcpu: Vcpu, ex: exits.AnyExit) -> None:
         from .regdump import format_dump
         detail = repr(ex)
         if isinstance(ex, exits.InternalErrorExit):
@@ -367,7 +366,7 @@ class VmmMixin:
             if self.threads:
                 self.pause_all()
             for v in self.vcpus:
-                self.run_on_cpu(v, lambda v=v: self._reset_vcpu(v))
+                self.run_on_cpu(v, functools.partial(self._reset_vcpu, v))
             if reload:
                 # Memory from here, the BSP's entry state on its own thread.
                 self.run_on_cpu(self.vcpus[0], self.reload)  # type: ignore[attr-defined]

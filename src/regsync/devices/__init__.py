@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..exits import IoExit
 
@@ -11,7 +11,7 @@ from ..exits import IoExit
 class VcpuPort(Protocol):
     """What a device may touch of a vCPU: its id and its registers (through the cache)."""
     id: int
-    regs: object
+    regs: Any
 
 
 class PortDevice(Protocol):

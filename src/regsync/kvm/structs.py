@@ -59,22 +59,20 @@ KVM_NR_INTERRUPTS = 256
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 
 
+# The part kvm_sregs and kvm_sregs2 share.
+_SREGS_COMMON: list[Any] = (
+    [(n, kvm_segment) for n in _SEGMENTS]
+    + [("gdt", kvm_dtable), ("idt", kvm_dtable)]
+    + [(n, c_uint64) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")]
+)
+
+
 class kvm_sregs(KvmStruct):
-    _fields_ = (
-        [(n, kvm_segment) for n in _SEGMENTS]
-        + [("gdt", kvm_dtable), ("idt", kvm_dtable)]
-        + [(n, c_uint64) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")]
-        + [("interrupt_bitmap", c_uint64 * ((KVM_NR_INTERRUPTS + 63) // 64))]
-    )
+    _fields_ = _SREGS_COMMON + [("interrupt_bitmap", c_uint64 * ((KVM_NR_INTERRUPTS + 63) // 64))]
 
 
 class kvm_sregs2(KvmStruct):
-    _fields_ = (
-        [(n, kvm_segment) for n in _SEGMENTS]
-        + [("gdt", kvm_dtable), ("idt", kvm_dtable)]
-        + [(n, c_uint64) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")]
-        + [("flags", c_uint64), ("pdptrs", c_uint64 * 4)]
-    )
+    _fields_ = _SREGS_COMMON + [("flags", c_uint64), ("pdptrs", c_uint64 * 4)]
 
 
 # --- FPU / XSAVE / XCRs --------------------------------------------------------

@@ -337,8 +337,9 @@ class KvmTransport:
 
     def _set_by_ioctl(self, name: str, local: Any) -> None:
         v = self.vcpu
-        {"REGS": v.set_regs, "SREGS": v.set_sregs, "EVENTS": v.set_vcpu_events,
-         "XSAVE": v.set_xsave, "XCRS": v.set_xcrs, "DEBUGREGS": v.set_debugregs}[name](local)
+        setters: dict[str, Callable[[Any], None]] = {"REGS": v.set_regs, "SREGS": v.set_sregs, "EVENTS": v.set_vcpu_events,
+         "XSAVE": v.set_xsave, "XCRS": v.set_xcrs, "DEBUGREGS": v.set_debugregs}
+        setters[name](local)
 
     def _store_lapic(self, regs: dict[Register, int], set_fn: Callable[[Register, Any, int], None]
                      ) -> None:
