@@ -39,6 +39,14 @@ EXIT_FATAL = 125          # process status when the guest dies (triple fault, em
 EXIT_WATCHDOG = 124       # process status when the watchdog stops the guest
 
 
+def _report(text: str) -> None:
+    """Best effort to stderr: a closed pipe must not take a vCPU thread down with it."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 class RunState(enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"
@@ -149,7 +157,10 @@ class VcpuThread:
                 if ex.kind != "interrupted":
                     self.dispatch(self.vcpu, ex)
         except BaseException as e:      # noqa: BLE001 - reported to the machine, thread ends
-            self.on_error(self.vcpu, e)
+            try:
+                self.on_error(self.vcpu, e)
+            except BaseException:       # noqa: BLE001 - nothing left to report to
+                pass
         finally:
             with self._cond:
                 self.state = RunState.STOPPED
@@ -249,16 +260,17 @@ class VmmMixin:
         except Exception as e:  # noqa: BLE001 - the dump is best effort on a dying vCPU
             dump = f"(register dump failed: {e})"
         self.fatal = f"vCPU {vcpu.id}: fatal exit {ex.kind}: {detail}\n{dump}"
-        print(self.fatal, file=sys.stderr)
+        _report(self.fatal)
         self._finish(EXIT_FATAL)
 
     def _guest_exit(self, vcpu_id: int, status: int) -> None:
         self._finish(status)
 
     def _vcpu_error(self, vcpu: Vcpu, e: BaseException) -> None:
-        self.fatal = f"vCPU {vcpu.id}: {type(e).__name__}: {e}"
-        print(self.fatal, file=sys.stderr)
-        self._finish(EXIT_FATAL)
+        if self.fatal is None:
+            self.fatal = f"vCPU {vcpu.id}: {type(e).__name__}: {e}"
+        self._finish(EXIT_FATAL)   # first: a report that cannot be written must not hang us
+        _report(self.fatal)
 
     def _finish(self, status: int) -> None:
         first = self.exit_status is None
@@ -388,9 +400,8 @@ class VmmMixin:
         except (VcpuStopped, TimeoutError) as e:
             state = {"error": str(e)}
         self.watchdog_records.append({"vcpu": vcpu_id, "registers": state})
-        print(f"regsync: watchdog expired on vCPU {vcpu_id} (rip={state.get('rip', 0):#x}); "
-              f"{'resetting' if self.watchdog_action == 'reset' else 'stopping'} the guest",
-              file=sys.stderr)
+        _report(f"regsync: watchdog expired on vCPU {vcpu_id} (rip={state.get('rip', 0):#x}); "
+                f"{'resetting' if self.watchdog_action == 'reset' else 'stopping'} the guest")
         if self.watchdog_action == "reset" and self.resets < 3:
             self.reset()
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -185,3 +186,38 @@ def test_cli_corrupt_image_is_a_clear_error(tmp_path) -> None:
     p = subprocess.run([sys.executable, "-m", "regsync.cli", "run", str(bad)],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "checksum" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_fatal_exit_prints_the_exit_and_a_register_dump(tmp_path) -> None:
+    """int3 at CPL0: upstream KVM delivers #BP (no IDT: triple fault -> shutdown);
+    this host's emulator fails on it (internal error). Either way: fatal, status 125."""
+    img = tmp_path / "int3.bin"
+    img.write_bytes(b"\x48\xc7\xc0\x34\x12\x00\x00" + b"\xcc" + b"\xf4")  # mov $0x1234,%rax; int3
+    p = subprocess.run([sys.executable, "-m", "regsync.cli", "run", str(img), "--smp", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 125, p.stderr
+    assert "fatal exit" in p.stderr and "Traceback" not in p.stderr
+    assert re.search(r"rax = 0x0*1234", p.stderr), p.stderr       # the dump shows the state
+    assert "[REGS]" in p.stderr and "[SREGS]" in p.stderr
+
+
+def test_cli_regs_info_list() -> None:
+    p = subprocess.run([sys.executable, "-m", "regsync.cli", "regs", "counter", "--exit", "3",
+                        "--level", "RUNTIME"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"r12 = 0x0*3\b", p.stdout), p.stdout            # three ticks, r12 == 3
+    assert "[XSAVE]" in p.stdout and "[LAPIC]" not in p.stdout
+    p = subprocess.run([sys.executable, "-m", "regsync.cli", "info"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and "SYNC_REGS" in p.stdout and "RUNTIME" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "regsync.cli", "list"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.splitlines()[0].startswith("counter")
+    assert len(p.stdout.splitlines()) == 7
+
+
+def test_stats_are_reported() -> None:
+    p = subprocess.run([sys.executable, "-m", "regsync.cli", "run", "hypercall", "--smp", "1",
+                        "--arg", "500", "--stats"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "KVM_RUN=" in p.stdout and "via kvm_run" in p.stdout

@@ -38,8 +38,11 @@ class Serial:
                 line = self._buf.decode("utf-8", "replace")
                 self._buf.clear()
                 self.lines.append(line.rstrip("\n"))
-                self.out.write(line)
-                self.out.flush()
+                try:
+                    self.out.write(line)
+                    self.out.flush()
+                except (OSError, ValueError):
+                    pass          # a closed stdout (| head) must not stop the guest
 
     def io_in(self, vcpu: VcpuPort, port: int, size: int) -> int:
         return LSR_THRE_TEMT if port == SERIAL_PORT + 5 else 0
