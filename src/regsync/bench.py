@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from .kvm import structs as ks
 from .machine import Machine
 from .vcpu import LEVELS
 
@@ -175,6 +176,31 @@ def run_all(quick: bool = False, progress: Callable[[str], None] = print) -> lis
     return cells
 
 
+def syscall_costs(n: int = 20000) -> dict[str, float]:
+    """µs per KVM_RUN round trip for a port-I/O exit, and per KVM_GET_REGS, each from
+    the choke point's counters over a timing loop (median of 3)."""
+    out: dict[str, list[float]] = {"kvm_run_pio_us": [], "kvm_get_regs_us": [],
+                                   "kvm_get_sregs_us": [], "kvm_get_msrs_1_us": []}
+    for _ in range(3):
+        with _machine("raw", "counter") as m:
+            h = m.vcpus[0].handle
+            regs, sregs = ks.kvm_regs(), ks.kvm_sregs()
+            for key, fn in (("kvm_run_pio_us", h.run),
+                            ("kvm_get_regs_us", lambda: h.get_regs(regs)),
+                            ("kvm_get_sregs_us", lambda: h.get_sregs(sregs)),
+                            ("kvm_get_msrs_1_us", lambda: h.get_msrs([0xC0000081]))):
+                fn()
+                calls0 = sum(h.counters.values())
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                dt = time.perf_counter() - t0
+                calls = sum(h.counters.values()) - calls0
+                assert calls == n, f"{key}: {calls} ioctls for {n} calls"
+                out[key].append(dt / calls * 1e6)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def run_on_cpu_latency(kicks: int = 1000) -> dict[str, float]:
     """run_on_cpu on a vCPU spinning in the guest (no exits of its own): µs per call."""
     from .guests import symbols
@@ -236,6 +262,9 @@ def main(quick: bool = False, out: str = "benchmarks/results.json") -> int:
     text = table(cells)
     print()
     print(text)
+    costs = syscall_costs(5000 if quick else 20000)
+    print("\nOne kernel round trip from Python (choke point, median of 3): " +
+          ", ".join(f"{k[:-3]} {v:.2f} µs" for k, v in costs.items()))
     lat = run_on_cpu_latency(300 if quick else 1000)
     demo = demo_wall_times(repeat=3 if quick else 5)
     print(f"\nrun_on_cpu on a spinning vCPU ({lat['kicks']} kicks): median {lat['median_us']:.0f} µs, "
@@ -247,6 +276,7 @@ def main(quick: bool = False, out: str = "benchmarks/results.json") -> int:
     path.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": quick,
                                 "python": platform.python_version(),
                                 "cells": [asdict(c) for c in cells],
-                                "run_on_cpu": lat, "smp_demo_ms": demo}, indent=1))
+                                "syscalls_us": costs, "run_on_cpu": lat,
+                                "smp_demo_ms": demo}, indent=1))
     print(f"\nJSON written to {path}")
     return 0
