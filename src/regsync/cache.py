@@ -39,7 +39,6 @@ state and no edit is silently dropped.
 
 from __future__ import annotations
 
-import threading
 from threading import get_ident
 from collections import Counter
 from dataclasses import dataclass, field
@@ -144,11 +143,13 @@ class RegisterCache:
         self.held &= ~self.catalog.group_by_name[reg.group].bit
 
     def _check_thread(self) -> None:
-        if self.owner is not None and threading.get_ident() != self.owner:
-            raise WrongThreadError("register transfers must run on the vCPU's thread: "
+        # Rule 9, and no torn reads of a kvm_run page the vCPU is running on.
+        if self.owner is not None and get_ident() != self.owner:
+            raise WrongThreadError("a running vCPU's registers are accessed on its own thread: "
                                    "use machine.run_on_cpu(vcpu, fn)")
 
     def read(self, reg: Register) -> int:
+        self._check_thread()
         g = self.catalog.group_by_name[reg.group]
         if self.held & g.bit or reg in self.dirty[g.name]:
             self._stats.local_reads += 1
@@ -157,6 +158,7 @@ class RegisterCache:
         return self._get[reg](self.locals[g.name])
 
     def write(self, reg: Register, value: int) -> None:
+        self._check_thread()
         if not isinstance(value, int):
             raise TypeError(f"{reg.name}: register values are ints, got {type(value).__name__}")
         if value < 0:

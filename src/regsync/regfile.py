@@ -9,6 +9,7 @@ with ``_`` for ``.`` (``regs.cs_base``). Unknown names suggest close ones.
 from __future__ import annotations
 
 import difflib
+from threading import get_ident
 from typing import Any, Callable
 
 from .cache import RegisterCache
@@ -27,7 +28,8 @@ class _RegisterAttr:
         if obj is None:
             return self
         c: RegisterCache = obj._cache
-        if c.held & self.bit:       # hot path: no syscall, no dict lookup of the name
+        # Hot path: a held group on the owning thread (or no owner): no syscall.
+        if c.held & self.bit and (c.owner is None or c.owner == get_ident()):
             return self.get(c.locals[self.group])
         return c.read(self.reg)
 
@@ -97,7 +99,8 @@ class RegisterFileBase:
             raise
         if type(attr) is _RegisterAttr:
             c = self._cache
-            if c.plain_writes and type(value) is int and 0 <= value <= attr.mask:
+            if c.plain_writes and type(value) is int and 0 <= value <= attr.mask \
+                    and (c.owner is None or c.owner == get_ident()):
                 attr.set(c.locals[attr.group], value)
                 c.dirty[attr.group][attr.reg] = value
                 c.dirty_mask |= attr.bit

@@ -29,7 +29,7 @@ from collections import Counter
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from regsync.sim import (CATALOG, MSR_RESERVED, RESET_GPRS, RESET_PENDING, RUNNABLE, TSR_WIS,
                          SimVcpu)
