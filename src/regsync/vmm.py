@@ -335,9 +335,14 @@ class VmmMixin:
     def pause_all(self, timeout: float = 10.0) -> None:
         """Bring every vCPU out of the guest and hold it there."""
         for t in self.threads:
-            if t.state is RunState.RUNNING:
+            # Always queue a pause, even to a paused thread: a "resume" may be queued
+            # ahead of it, and the thread must end up paused, not running.
+            if t.state is not RunState.STOPPED:
                 t.paused.clear()
-                t.post("pause")
+                try:
+                    t.post("pause")
+                except VcpuStopped:
+                    t.paused.set()
         for t in self.threads:
             if not t.paused.wait(timeout):
                 raise TimeoutError(f"vCPU {t.vcpu.id} did not pause within {timeout} s")
@@ -350,7 +355,7 @@ class VmmMixin:
         own.state = RunState.PAUSED
         own.paused.set()
         for t in self.threads:
-            if t is not own and t.state is RunState.RUNNING:
+            if t is not own and t.state is not RunState.STOPPED:
                 t.paused.clear()
                 try:
                     t.post("pause")

@@ -482,3 +482,55 @@ def test_ack_stream_shape() -> None:
     events = Framer().feed(out)
     assert events == [Ack(), Packet(b"1"), Ack(), Packet(b"QC1")]
     assert out[-2:] == b"%02x" % checksum(b"QC1")
+
+
+# --- short 'g' replies, X exits, current thread ---------------------------------------
+
+
+class PrefixTarget(FakeTarget):
+    """Answers 'g' with the first ``n`` registers only (cheap ones), like the VM adapter."""
+
+    n = 24
+
+    def read_registers(self, tid: int, layout: RegisterLayout) -> list[bytes | None]:
+        return [self.read_register(tid, r) for r in layout.registers[: self.n]]
+
+
+def test_g_prefix_and_matching_G() -> None:
+    target = PrefixTarget(2)
+    core = StubCore(target, initial_stop=StopEvent(tid=1))
+    reply = ask1(core, b"g")
+    size = sum(r.nbytes for r in X86_64_LAYOUT.registers[:24])
+    assert len(reply) == 2 * size
+    block = bytearray(reply)
+    block[16:32] = le(0x55)                                  # rbx
+    assert ask1(core, b"G" + bytes(block)) == b"OK"
+    assert target.writes == [(1, "rbx")] and target.cpus[1]["rbx"] == 0x55
+    # a G covering more than the g reply reads the rest one register at a time
+    full = bytes(block) + ask1(core, b"p18")                 # + st0
+    assert ask1(core, b"G" + full) == b"OK" and target.writes == [(1, "rbx")]
+    assert ask1(core, b"G" + bytes(block[:-2])) == b"E16"  # not on a register boundary
+
+
+def test_g_empty_prefix_is_a_local_error() -> None:
+    target = PrefixTarget(1)
+    target.n = 0
+    core = StubCore(target, initial_stop=StopEvent(tid=1))
+    with pytest.raises(LocalProtocolError):
+        core.receive(encode_packet(b"g"))
+
+
+def test_exit_with_signal_is_X() -> None:
+    core, _ = make()
+    ask(core, b"c")
+    assert core.on_exit(125, signal=11) == encode_packet(b"X0b") and core.wants_close
+
+
+def test_current_thread_follows_stop_and_Hg() -> None:
+    core, _ = make()
+    assert core.current_thread == 1
+    ask(core, b"c")
+    core.on_stop(StopEvent(tid=3))
+    assert core.current_thread == 3
+    ask1(core, b"Hg2")
+    assert core.current_thread == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -301,3 +300,30 @@ def test_register_views() -> None:
     assert register_updates(ftag, b"\xfe\xff\0\0", cat.__getitem__) == {"ftw": 1}
     with pytest.raises(ValueError):
         register_updates(eax, b"\0" * 8, cat.__getitem__)
+
+
+# --- the fast paths agree with the reference code ----------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from regsync.gdb.packets import _encode_packet_slow  # noqa: E402
+
+_WIRE = st.lists(st.sampled_from(list(b"$#}*+-\x03ab0123456789") + [0xFF]), max_size=120).map(bytes)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.binary(max_size=200), _WIRE), st.booleans())
+def test_fast_encoder_matches_the_reference(payload: bytes, rle: bool) -> None:
+    assert encode_packet(payload, rle) == _encode_packet_slow(payload, rle)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(_WIRE, st.binary(max_size=80).map(encode_packet)), max_size=6),
+       st.integers(1, 40))
+def test_bulk_framing_matches_byte_by_byte(chunks: list[bytes], limit: int) -> None:
+    data = b"".join(chunks)
+    bulk = Framer(limit).feed(data)
+    single = Framer(limit)
+    one_by_one = [e for b in data for e in single.feed(bytes([b]))]
+    assert bulk == one_by_one

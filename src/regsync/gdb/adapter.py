@@ -18,6 +18,11 @@ Threads and ownership
   reported).  Only the first event of a run claims the stop; later ones are
   dropped (a hardware breakpoint is fault-like: the vCPU hits it again when
   resumed).  ``_gen`` counts runs so a record from an earlier run is ignored.
+* Debug exits are judged against the guest-debug state the vCPU actually ran
+  with (``_applied``), never against gdb's current breakpoints, so a late hit
+  of a breakpoint gdb already lifted is held, not re-injected into the guest.
+* Pausing posts "pause" even to threads that look paused (:meth:`_pause`):
+  one may hold a queued "resume" that ``machine.pause_all`` would not see.
 
 Breakpoints
 -----------
@@ -40,19 +45,21 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..arch.x86_64 import CATALOG
+from ..exits import DebugExit
 from ..kvm import KvmError
 from ..kvm import structs as ks
 from ..memory import GuestMemoryError
 from ..vmm import EXIT_FATAL, EXIT_WATCHDOG, RunState, VcpuStopped
 from .pagewalk import PageFault, Paging, ranges
+from .probe import (DR7_FIXED, LEN_BITS as _LEN_BITS, RW_ACCESS as _RW_ACCESS,
+                    RW_EXEC as _RW_EXEC, RW_WRITE as _RW_WRITE, ZERO_DRS as _ZERO_DRS,
+                    DebugCaps, probe_debug_caps)
 from .target import (
     BP_ACCESS_WATCH, BP_HARDWARE, BP_READ_WATCH, BP_SOFTWARE, BP_WRITE_WATCH, SIGINT,
     SIGTRAP, Action, StopEvent, TargetBase, TargetError, Unsupported,
@@ -63,7 +70,6 @@ from .targetxml import (
 )
 
 if TYPE_CHECKING:
-    from ..exits import DebugExit
     from ..machine import Machine
     from ..vcpu import Vcpu
 
@@ -76,116 +82,22 @@ __all__ = [
 KILL_STATUS = 137
 NSLOTS = 4
 DR6_BS = 1 << 14
-DR7_FIXED = 0x400         # bit 10 reads as 1
 DR7_GE = 1 << 9
-KVM_CAP_SET_GUEST_DEBUG2 = 195
-_LEN_BITS = {1: 0b00, 2: 0b01, 8: 0b10, 4: 0b11}
-_RW_EXEC, _RW_WRITE, _RW_ACCESS = 0b00, 0b01, 0b11
-_ZERO_DRS = (0,) * 8
 #: Groups the kvm_run page hands back after every exit (SYNC_REGS): reading
 #: their registers at a stop costs no ioctl.
 _FREE_GROUPS = frozenset({"REGS", "SREGS"})
 _SNAP_REGS = ("rip", "rsp", "rbp", "cr0", "cr3", "cr4", "efer")
 _NOT_REGISTER_IOCTLS = frozenset({"KVM_RUN", "KVM_SET_GUEST_DEBUG", "KVM_SET_CPUID2",
-                                  "KVM_GET_CPUID2"})
+                                  "KVM_GET_CPUID2", "KVM_GET_CLOCK", "KVM_SET_CLOCK",
+                                  "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_IRQCHIP",
+                                  "KVM_SET_IRQCHIP"})
 
 
 def register_ioctls(counters: dict[str, int]) -> int:
-    """How many of ``counters`` moved register state (GET/SET of regs, sregs,
-    xsave, MSRs, events, ...), i.e. everything but runs and setup."""
+    """How many of ``counters`` moved vCPU register state (GET/SET of regs,
+    sregs, xsave, MSRs, events, ...): not runs, setup or VM-wide state."""
     return sum(n for name, n in counters.items()
                if name.startswith(("KVM_GET_", "KVM_SET_")) and name not in _NOT_REGISTER_IOCTLS)
-
-
-# --- the start-up probe ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DebugCaps:
-    """What guest debugging can do on this host (from :func:`probe_debug_caps`)."""
-
-    sw_breakpoints: bool
-    sw_detail: str
-    hw_breakpoints: bool
-    hw_detail: str
-    watchpoints: bool
-    watch_detail: str
-    blockirq: bool = False
-
-    @classmethod
-    def assumed(cls) -> "DebugCaps":
-        """No probe: hardware breakpoints only (safe everywhere)."""
-        return cls(False, "not probed", True, "not probed", False, "not probed")
-
-
-_WATCH_GPA = 0x200000
-_PROBE_EXIT = b"\xb0\x00\xe6\xf4\xf4"               # mov al,0; out 0xf4,al; hlt
-_PROBES: dict[str, tuple[bytes, int, tuple[int, ...], int]] = {
-    # name: (code at 0x100000, control, debugreg, KVM_EXIT_DEBUG exception expected)
-    "sw": (b"\xcc" + _PROBE_EXIT, ks.KVM_GUESTDBG_ENABLE | ks.KVM_GUESTDBG_USE_SW_BP,
-           _ZERO_DRS, 3),
-    "hw": (b"\x90" + _PROBE_EXIT, ks.KVM_GUESTDBG_ENABLE | ks.KVM_GUESTDBG_USE_HW_BP,
-           (0x100001, 0, 0, 0, 0, 0, 0, DR7_FIXED | 0b10), 1),
-    # mov dword [0x200000], 1 with DR0 a 4-byte write watch on it
-    "watch": (b"\xc7\x04\x25" + _WATCH_GPA.to_bytes(4, "little") + b"\x01\x00\x00\x00"
-              + _PROBE_EXIT, ks.KVM_GUESTDBG_ENABLE | ks.KVM_GUESTDBG_USE_HW_BP,
-              (_WATCH_GPA, 0, 0, 0, 0, 0, 0,
-               DR7_FIXED | 0b10 | (_RW_WRITE << 16) | (_LEN_BITS[4] << 18)), 1),
-}
-_probe_lock = threading.Lock()
-_probed: DebugCaps | None = None
-
-
-def _probe_one(name: str) -> tuple[bool, str]:
-    from ..machine import Machine
-    code, control, drs, want = _PROBES[name]
-    fd, path = tempfile.mkstemp(prefix=f"regsync-probe-{name}-", suffix=".bin")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(code)
-        with Machine(smp=1, mem_mb=4, irqchip=False) as m:
-            m.load(path, mode="long")
-            v = m.vcpus[0]
-            v.set_guest_debug(control, list(drs))
-            for _ in range(8):
-                ex = v.run()
-                if ex.kind == "interrupted":
-                    continue
-                if ex.kind == "debug" and ex.exception == want:  # type: ignore[attr-defined]
-                    return True, f"KVM_EXIT_DEBUG exception {want} at {ex.pc:#x}"  # type: ignore[attr-defined]
-                if ex.kind == "io":
-                    return False, "the guest ran past it (no exit)"
-                detail = getattr(ex, "description", "")
-                return False, f"probe got {ex.kind}{' (' + detail + ')' if detail else ''}"
-            return False, "no exit"
-    except (KvmError, OSError, ValueError) as e:
-        return False, f"probe failed: {e}"
-    finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-def probe_debug_caps(force: bool = False) -> DebugCaps:
-    """Find out once per process, in throwaway VMs, whether int3 interception
-    (KVM_GUESTDBG_USE_SW_BP), hardware breakpoints and data watchpoints work."""
-    global _probed
-    with _probe_lock:
-        if _probed is not None and not force:
-            return _probed
-        sw, sw_d = _probe_one("sw")
-        hw, hw_d = _probe_one("hw")
-        watch, watch_d = _probe_one("watch") if hw else (False, "no hardware breakpoints")
-        blockirq = False
-        try:
-            from ..kvm import System
-            with System() as kvm:
-                blockirq = bool(kvm.check_extension(KVM_CAP_SET_GUEST_DEBUG2)
-                                & ks.KVM_GUESTDBG_BLOCKIRQ)
-        except Exception:  # noqa: BLE001 - an optional refinement
-            pass
-        _probed = DebugCaps(sw, sw_d, hw, hw_d, watch, watch_d, blockirq)
-        return _probed
 
 
 # --- records --------------------------------------------------------------------------
@@ -245,11 +157,12 @@ class MachineTarget(TargetBase):
         self._lock = threading.Lock()
         self._state = "detached"
         self._gen = 0
-        self._stepping: set[int] = set()
         self.slots: list[Slot | None] = [None] * NSLOTS
         self.sw: dict[int, tuple[int, int]] = {}        # vaddr -> (gpa, original byte)
         self._applied: dict[int, tuple[int, tuple[int, ...]]] = {}
-        self._snap: dict[int, dict[str, int]] = {}
+        self._snap: dict[int, dict[str, int]] = {}     # vid -> _SNAP_REGS at this stop
+        self._tlb: dict[int, dict[int, int]] = {}      # vid -> {page: gpa} at this stop
+        self._ran: set[int] = set()                    # vids resumed by the last resume
         self._cheap_prefix: dict[str, int] = {}
 
     # --- helpers ---------------------------------------------------------------------
@@ -279,11 +192,15 @@ class MachineTarget(TargetBase):
         return None
 
     def _ioctl_totals(self) -> tuple[int, int]:
+        """(all, register) ioctls so far, summed over vCPUs; cheap enough for
+        every stop (during a debug session the only non-register vCPU ioctls
+        are KVM_RUN and KVM_SET_GUEST_DEBUG)."""
         total = reg = 0
         for v in self.m.vcpus:
             c = v.handle.counters
-            total += sum(c.values())
-            reg += register_ioctls(c)
+            n = sum(c.values())
+            total += n
+            reg += n - c["KVM_RUN"] - c["KVM_SET_GUEST_DEBUG"]
         return total, reg
 
     def _read_snapshot(self, v: "Vcpu") -> dict[str, int]:
@@ -298,6 +215,16 @@ class MachineTarget(TargetBase):
             snap = self._snap[vid] = self._call(v, lambda: self._read_snapshot(v))
         return snap
 
+    def _forget(self, vids: set[int] | None = None) -> None:
+        """Drop snapshots and cached translations (of ``vids``, default all)."""
+        if vids is None:
+            self._snap.clear()
+            self._tlb.clear()
+            return
+        for vid in vids:
+            self._snap.pop(vid, None)
+            self._tlb.pop(vid, None)
+
     def _paging(self, tid: int) -> Paging:
         s = self._snapshot(tid)
         return Paging(s["cr0"], s["cr3"], s["cr4"], s["efer"])
@@ -308,11 +235,29 @@ class MachineTarget(TargetBase):
         with self._lock:
             self._state = "stopping"
             self._gen += 1
-        self.m.pause_all()
+        self._pause()
         with self._lock:
             self._state = "stopped"
-        self._snap.clear()
+        self._forget()
         return StopEvent(tid=1, signal=SIGTRAP)
+
+    def _pause(self, vids: set[int] | None = None) -> None:
+        """Pause the threads of ``vids`` (default all) and wait until they are.
+
+        Unlike ``machine.pause_all`` this also posts "pause" to a thread that
+        still looks paused: it may hold a "resume" not yet drained, and would
+        run once it drains it.  Queued after the resume, the pause wins."""
+        for t in self.m.threads:
+            if (vids is None or t.vcpu.id in vids) and t.state is not RunState.STOPPED:
+                t.paused.clear()
+                try:
+                    t.post("pause")
+                except VcpuStopped:
+                    t.paused.set()
+        try:
+            self.m.pause_all()        # waits for every thread's paused event
+        except TimeoutError:
+            pass  # a vCPU stuck in the kernel: go on, it is asked to pause
 
     def complete_stop(self, rec: StopRecord, layout: RegisterLayout) -> StopEvent | None:
         """Finish a stop claimed by ``rec``: wait for all vCPUs to pause, return
@@ -321,14 +266,12 @@ class MachineTarget(TargetBase):
             if rec.gen != self._gen or self._state != "stopping":
                 self.stats.dropped += 1
                 return None
-        try:
-            self.m.pause_all()
-        except TimeoutError:
-            pass  # a vCPU stuck in the kernel: report anyway, it is asked to pause
+        # The vCPU that hit the event paused itself (stop_all_from); the others
+        # that were resumed may not even have started running yet.
+        self._pause(self._ran - {rec.tid - 1} if rec.values is not None else self._ran)
         with self._lock:
             self._state = "stopped"
-            self._stepping.clear()
-        self._snap.clear()
+        self._forget(self._ran)     # vCPUs held during the run keep their snapshot
         if rec.values is not None:
             self._snap[rec.tid - 1] = rec.values
         try:
@@ -346,8 +289,8 @@ class MachineTarget(TargetBase):
     def on_debug_exit(self, vcpu: "Vcpu", ex: "DebugExit") -> None:
         t_exit = time.perf_counter_ns()
         vid = vcpu.id
-        self.stats.debug_exits += 1
         with self._lock:
+            self.stats.debug_exits += 1
             state = self._state
             if state == "detached":
                 return      # a late exit racing a detach: the debug state is being cleared
@@ -355,13 +298,19 @@ class MachineTarget(TargetBase):
             address: int | None = None
             ours = False
             if ex.exception == 1:
-                if vid in self._stepping and ex.dr6 & DR6_BS:
+                # Judge by the debug state this vCPU actually ran with (gdb may
+                # have changed the breakpoints since).
+                control, drs = self._applied.get(vid, (0, _ZERO_DRS))
+                if control & ks.KVM_GUESTDBG_SINGLESTEP and ex.dr6 & DR6_BS:
                     ours = True
-                for i, slot in enumerate(self.slots):
-                    if slot is not None and ex.dr6 & (1 << i):
+                for i in range(NSLOTS):
+                    if ex.dr6 & (1 << i) and control & ks.KVM_GUESTDBG_USE_HW_BP \
+                            and drs[7] & (3 << (2 * i)):
                         ours = True
-                        if slot.rw == _RW_EXEC:
-                            reason = "swbreak" if slot.origin == BP_SOFTWARE else "hwbreak"
+                        slot = self.slots[i]
+                        if slot is None or slot.addr != drs[i] or slot.rw == _RW_EXEC:
+                            reason = "swbreak" if slot is not None and \
+                                slot.origin == BP_SOFTWARE else "hwbreak"
                         else:
                             reason = "watch" if slot.rw == _RW_WRITE else "awatch"
                             address = slot.addr
@@ -455,7 +404,7 @@ class MachineTarget(TargetBase):
             for name, value in register_updates(reg, data, v.regs.__getitem__).items():
                 v.regs[name] = value
         self._call(v, write)
-        self._snap.pop(v.id, None)
+        self._forget({v.id})
 
     # --- memory --------------------------------------------------------------------------
     def _phys_reader(self) -> Callable[[int, int], int]:
@@ -463,6 +412,19 @@ class MachineTarget(TargetBase):
         return lambda gpa, n: int.from_bytes(mem.read(gpa, n), "little")
 
     def _pieces(self, tid: int, addr: int, length: int) -> list[tuple[int, int]]:
+        if 0 < (addr & 0xFFF) + length <= 0x1000 and 0 <= addr < 1 << 64:
+            # gdb reads the same few pages many times per stop: cache the walk
+            # (dropped whenever the vCPU runs or its registers are written).
+            tlb = self._tlb.setdefault(tid - 1, {})
+            page = addr >> 12
+            base = tlb.get(page)
+            if base is None:
+                try:
+                    (gpa, _), = ranges(self._phys_reader(), self._paging(tid), page << 12, 1)
+                except PageFault as e:
+                    raise TargetError(errno.EFAULT, str(e)) from None
+                base = tlb[page] = gpa
+            return [(base | (addr & 0xFFF), length)]
         try:
             return list(ranges(self._phys_reader(), self._paging(tid), addr, length))
         except PageFault as e:
@@ -494,6 +456,7 @@ class MachineTarget(TargetBase):
                 off += n
         except GuestMemoryError as e:
             raise TargetError(errno.EFAULT, str(e)) from None
+        self._tlb.clear()       # the write may have changed page tables
 
     # --- breakpoints ---------------------------------------------------------------------
     def insert_breakpoint(self, kind: int, addr: int, length: int) -> None:
@@ -554,7 +517,7 @@ class MachineTarget(TargetBase):
 
     def _debug_state(self, step: bool) -> tuple[int, tuple[int, ...]]:
         control = 0
-        drs = _ZERO_DRS
+        drs: tuple[int, ...] = _ZERO_DRS
         if any(self.slots):
             control |= ks.KVM_GUESTDBG_ENABLE | ks.KVM_GUESTDBG_USE_HW_BP
             dr7 = DR7_FIXED | DR7_GE
@@ -601,8 +564,8 @@ class MachineTarget(TargetBase):
         with self._lock:
             self._state = "running"
             self._gen += 1
-            self._stepping = stepping
-        self._snap.clear()
+        self._ran = set(plan)
+        self._forget(self._ran)
         for vid in plan:
             t = self._thread(vid)
             if t is None:
@@ -626,11 +589,7 @@ class MachineTarget(TargetBase):
         with self._lock:
             self._state = "detached"
             self._gen += 1
-            self._stepping.clear()
-        try:
-            self.m.pause_all()       # a consistent point: no stop half-way through
-        except TimeoutError:
-            pass
+        self._pause()                # a consistent point: no stop half-way through
         for addr in list(self.sw):
             self._remove_sw(addr)
         self.slots = [None] * NSLOTS
@@ -639,7 +598,8 @@ class MachineTarget(TargetBase):
                 self._apply(v, (0, _ZERO_DRS))
             except TargetError:
                 pass
-        self._snap.clear()
+        self._forget()
+        self._ran = {v.id for v in self.m.vcpus}
         self.m.resume_all()
 
     def kill(self) -> None:

@@ -11,6 +11,8 @@ request pass as a valid one.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Union
 
@@ -102,6 +104,10 @@ def _decode_body(raw: bytes, limit: int) -> bytes:
     larger than ``limit`` (RLE can expand 2 bytes into 98, so the raw size
     check alone does not bound memory).
     """
+    if b"}" not in raw and b"*" not in raw:  # the common case: nothing to undo
+        if len(raw) > limit:
+            raise PacketError(OVERSIZE)
+        return bytes(raw)
     out = bytearray()
     i = 0
     n = len(raw)
@@ -151,38 +157,59 @@ class Framer:
     def feed(self, data: bytes) -> list[Event]:
         """Consume ``data`` and return the events it completes, in order."""
         events: list[Event] = []
-        for b in data:
-            if self._state == self._IDLE:
-                if b == 0x24:  # '$'
-                    self._start()
-                elif b == 0x2B:  # '+'
-                    events.append(Ack())
-                elif b == 0x2D:  # '-'
-                    events.append(Nack())
-                elif b == _INTERRUPT:
-                    events.append(Interrupt())
-                # anything else between packets is ignored
-            elif self._state == self._BODY:
-                if b == 0x23:  # '#'
-                    self._state = self._CSUM
-                elif b == 0x24:
-                    events.append(BadPacket("packet start inside packet"))
-                    self._start()
-                elif not self._oversize:
-                    # Stop buffering once over the limit but keep scanning
-                    # for '#', so one huge packet costs no memory and the
-                    # stream stays in sync.
-                    if len(self._body) >= self.max_payload:
-                        self._oversize = True
-                        self._body.clear()
-                    else:
-                        self._body.append(b)
-            else:
-                self._csum.append(b)
-                if len(self._csum) == 2:
-                    events.append(self._finish())
-                    self._state = self._IDLE
+        i, n = 0, len(data)
+        while i < n:
+            if self._state == self._BODY:
+                # Copy the body up to the next '#' or '$' in one go (same
+                # result as byte by byte, which is what _feed_byte does).
+                j = data.find(b"#", i)
+                k = data.find(b"$", i, n if j < 0 else j)
+                end = n if j < 0 and k < 0 else (k if k >= 0 else j)
+                if end > i:
+                    if not self._oversize:
+                        if len(self._body) + (end - i) > self.max_payload:
+                            self._oversize = True
+                            self._body.clear()
+                        else:
+                            self._body += data[i:end]
+                    i = end
+                    continue
+            self._feed_byte(data[i], events)
+            i += 1
         return events
+
+    def _feed_byte(self, b: int, events: list[Event]) -> None:
+        """The state machine for one byte."""
+        if self._state == self._IDLE:
+            if b == 0x24:  # '$'
+                self._start()
+            elif b == 0x2B:  # '+'
+                events.append(Ack())
+            elif b == 0x2D:  # '-'
+                events.append(Nack())
+            elif b == _INTERRUPT:
+                events.append(Interrupt())
+            # anything else between packets is ignored
+        elif self._state == self._BODY:
+            if b == 0x23:  # '#'
+                self._state = self._CSUM
+            elif b == 0x24:
+                events.append(BadPacket("packet start inside packet"))
+                self._start()
+            elif not self._oversize:
+                # Stop buffering once over the limit but keep scanning
+                # for '#', so one huge packet costs no memory and the
+                # stream stays in sync.
+                if len(self._body) >= self.max_payload:
+                    self._oversize = True
+                    self._body.clear()
+                else:
+                    self._body.append(b)
+        else:
+            self._csum.append(b)
+            if len(self._csum) == 2:
+                events.append(self._finish())
+                self._state = self._IDLE
 
     def _start(self) -> None:
         self._state = self._BODY
@@ -224,12 +251,40 @@ def escape_binary(data: bytes) -> bytes:
     return bytes(out)
 
 
+_NEEDS_ESCAPE = re.compile(rb"[#$}*]")
+_LONG_RUN = re.compile(rb"(.)\1{3,}", re.S)   # runs short of 4 are spelled out anyway
+
+
+def _rle_run(match: "re.Match[bytes]") -> bytes:
+    run = match.group(0)
+    b = run[:1]
+    out = bytearray(b)
+    extra = len(run) - 1
+    while extra > 0:
+        count = _rle_count(extra)
+        if count:
+            out += bytes((_RLE, count + 29))
+            extra -= count
+        else:
+            out += b
+            extra -= 1
+    return bytes(out)
+
+
 def encode_packet(payload: bytes, rle: bool = True) -> bytes:
     """Frame ``payload`` as ``$body#cs`` with escaping and optional RLE.
 
     Only runs of bytes that need no escape are compressed; that keeps the
     rule simple (the repeated byte is always the literal byte before ``*``).
     """
+    if _NEEDS_ESCAPE.search(payload) is None:   # the common case, done with re
+        body = _LONG_RUN.sub(_rle_run, payload) if rle else bytes(payload)
+        return b"$" + body + b"#%02x" % checksum(body)
+    return _encode_packet_slow(payload, rle)
+
+
+def _encode_packet_slow(payload: bytes, rle: bool = True) -> bytes:
+    """The reference encoder (any payload)."""
     body = bytearray()
     i = 0
     n = len(payload)

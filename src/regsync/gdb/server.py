@@ -140,8 +140,7 @@ class GdbServer:
 
     def _drain_wake(self) -> None:
         try:
-            while os.read(self._wake_r, 4096):
-                pass
+            os.read(self._wake_r, 4096)   # one read: leftovers only cost a spare wake-up
         except (BlockingIOError, OSError):
             pass
 
@@ -257,10 +256,15 @@ class GdbServer:
 
 
 def attach_gdb(machine: "Machine", port: int, *, wait: bool = False,
-               host: str = "127.0.0.1", caps: DebugCaps | None = None) -> GdbServer:
+               host: str = "127.0.0.1", caps: DebugCaps | None = None,
+               announce: bool = True) -> GdbServer:
     """Serve gdb for ``machine`` on ``host:port``; returns the server (``close()`` it).
 
     Call it before ``machine.start(paused=wait)``: with ``wait`` the guest
     does not run until gdb continues.  Probes once per process what guest
     debugging can do here (a few ms in throwaway VMs)."""
-    return GdbServer(machine, port, wait=wait, host=host, caps=caps)
+    server = GdbServer(machine, port, wait=wait, host=host, caps=caps)
+    if announce:
+        print(f"regsync: gdb stub on {host}:{server.port} (gdb: target remote {host}:"
+              f"{server.port}){'; the guest waits for gdb' if wait else ''}", file=sys.stderr)
+    return server
