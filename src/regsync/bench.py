@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import struct
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from .vcpu import LEVELS
 WORKLOADS = ("pio", "hypercall", "debugger", "monitor")
 STRATEGIES = ("raw", "eager", "qemu", "regsync-nosync", "regsync")
 HYPERCALL, TICK = 0x500, 0x501
+_FXSAVE_HEAD = struct.Struct("<HHBBHQQI")   # fcw fsw ftw pad fop fip fdp mxcsr
 RUNTIME_NAMES: list[str] = []
 
 
@@ -106,13 +108,32 @@ def _raw_loop(workload: str, v, n: int) -> None:  # type: ignore[no-untyped-def]
                 r.rax = r.rdi + r.rsi
                 page.kvm_dirty_regs = 1
     elif workload == "debugger":
-        fields = [f for f, *_ in type(r)._fields_]
+        # The same values regsync's dump(RUNTIME) returns, decoded by hand: kvm_regs
+        # and kvm_sregs from the kvm_run page, x87/SSE from one KVM_GET_XSAVE2.
+        gprs = [f for f, *_ in type(r)._fields_]
+        segs = [(n, getattr(sr, k)) for n, k in (("cs", "cs"), ("ds", "ds"), ("es", "es"),
+                ("fs", "fs"), ("gs", "gs"), ("ss", "ss"), ("tr", "tr"), ("ldtr", "ldt"))]
+        xs = bytearray(h.xsave2_size or 4096)
         for _ in range(n):
             hrun()
-            [getattr(r, f) for f in fields]
-            [(s.base, s.limit, s.selector) for s in (sr.cs, sr.ds, sr.es, sr.fs, sr.gs, sr.ss)]
-            (sr.cr0, sr.cr2, sr.cr3, sr.cr4, sr.cr8, sr.efer)
-            h.get_xsave()
+            out = {f: getattr(r, f) for f in gprs}
+            for name, sg in segs:
+                out[name + ".selector"], out[name + ".base"] = sg.selector, sg.base
+                out[name + ".limit"] = sg.limit
+                out[name + ".attr"] = (sg.type | sg.s << 4 | sg.dpl << 5 | sg.present << 7
+                                       | sg.avl << 12 | sg.l << 13 | sg.db << 14 | sg.g << 15
+                                       | sg.unusable << 16)
+            out["gdtr.base"], out["gdtr.limit"] = sr.gdt.base, sr.gdt.limit
+            out["idtr.base"], out["idtr.limit"] = sr.idt.base, sr.idt.limit
+            for f in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+                out[f] = getattr(sr, f)
+            h.get_xsave(xs)
+            out["fcw"], out["fsw"], out["ftw"], _, out["fop"], out["fip"], out["fdp"], \
+                out["mxcsr"] = _FXSAVE_HEAD.unpack_from(xs, 0)
+            for i in range(8):
+                out[f"st{i}"] = int.from_bytes(xs[32 + 16 * i:42 + 16 * i], "little")
+            for i in range(16):
+                out[f"xmm{i}"] = int.from_bytes(xs[160 + 16 * i:176 + 16 * i], "little")
     elif workload == "monitor":
         for i in range(n):
             hrun()

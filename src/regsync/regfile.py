@@ -59,6 +59,8 @@ class RegisterFileBase:
     _catalog: Catalog
     _names: dict[str, Register | Alias]
     _writers: dict[str, Any]
+    _getters: dict[Register, Callable[[Any], int]]
+    _plans: dict[int, list[tuple[str, str, Callable[[Any], int]]]]
     _msr_aliases: dict[int, str] = {}
     _msr_by_index: dict[int, Register] = {}
 
@@ -142,19 +144,34 @@ class RegisterFileBase:
         """Every register in the groups of mask (default: all), fetched as needed.
 
         A register the host does not support (an MSR KVM does not save) is None.
+        After synchronize() every group in the mask is held (edits included, as
+        local copies are written through), so values come straight off the local
+        copies without a per-register read().
         """
+        c = self._cache
         cat = self._catalog
         mask = cat.all_mask if mask is None else mask
-        mask &= self._cache.transport.available_mask
-        self._cache.synchronize(mask)
+        mask &= c.transport.available_mask
+        c._check_thread()
+        c.synchronize(mask)
+        locals_ = c.locals
         out: dict[str, int | None] = {}
-        for reg in cat.registers:
-            if cat.group_by_name[reg.group].bit & mask:
-                try:
-                    out[reg.name] = self._cache.read(reg)
-                except KeyError:
-                    out[reg.name] = None
+        for name, group, get in self._dump_plan(mask):
+            try:
+                out[name] = get(locals_[group])
+            except KeyError:
+                out[name] = None
         return out
+
+    @classmethod
+    def _dump_plan(cls, mask: int) -> list[tuple[str, str, Callable[[Any], int]]]:
+        plan = cls._plans.get(mask)
+        if plan is None:
+            cat = cls._catalog
+            plan = [(r.name, r.group, cls._getters[r]) for r in cat.registers
+                    if cat.group_by_name[r.group].bit & mask]
+            cls._plans[mask] = plan
+        return plan
 
 
 def _attr_name(name: str) -> str:
@@ -180,5 +197,7 @@ def make_register_file(catalog: Catalog,
         names[alias.name] = alias
         ns[_attr_name(alias.name)] = _AliasAttr(alias, catalog.by_name[alias.home])
     ns["_names"] = names
+    ns["_getters"] = {r: accessors[r][0] for r in catalog.registers}
+    ns["_plans"] = {}
     ns["_writers"] = {k: v for k, v in ns.items() if isinstance(v, (_RegisterAttr, _AliasAttr))}
     return type(f"{catalog.arch}Registers", (RegisterFileBase,), ns)

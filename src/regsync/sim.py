@@ -262,11 +262,6 @@ class SimTransport:
         self.kernel.dirty_regs.clear()
         return bits
 
-    def after_run(self) -> int:
-        """The run returned: the groups the kernel handed back are held."""
-        self.deferred = 0
-        return self.sync_mask
-
     def detach(self) -> dict[str, Any]:
         """Move the sync group off the run page (the vCPU is closing)."""
         if self.use_sync:

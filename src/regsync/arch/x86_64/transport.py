@@ -73,9 +73,13 @@ class FlushError(Exception):
 
 # --- accessors built from field locators ---------------------------------------------
 def _segattr_get(seg: str) -> Getter:
+    # Spelled out (SEG_ATTR_FIELDS order): a dump reads eight of these per stop.
+    assert [f for f, _, _ in SEG_ATTR_FIELDS] == ["type", "s", "dpl", "present", "avl", "l",
+                                                  "db", "g", "unusable"]
     def get(l: Any) -> int:
         sg = getattr(l, seg)
-        return sum(getattr(sg, f) << sh for f, sh, _ in SEG_ATTR_FIELDS)
+        return (sg.type | sg.s << 4 | sg.dpl << 5 | sg.present << 7 | sg.avl << 12
+                | sg.l << 13 | sg.db << 14 | sg.g << 15 | sg.unusable << 16)
     return get
 
 
@@ -378,8 +382,3 @@ class KvmTransport:
         bits, self.deferred = self.deferred, 0
         self.run.kvm_dirty_regs = 0
         return bits
-
-    def after_run(self) -> int:
-        """After KVM_RUN returned: the groups KVM handed back in the kvm_run page."""
-        self.deferred = 0
-        return self.sync_mask
