@@ -8,6 +8,7 @@ a traceback. ``run`` exits with the guest's status (125 fatal exit, 124 watchdog
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=0, metavar="SEC",
                    help="stop the guest after SEC seconds (0 = no limit)")
     r.add_argument("--watchdog-action", choices=["stop", "reset"], default="stop")
+    r.add_argument("--serial", metavar="FILE", help="write the guest's serial output to FILE "
+                   "instead of stdout")
 
     g = sub.add_parser("regs", help="dump the registers at the Nth exit of vCPU 0")
     g.add_argument("guest")
@@ -99,38 +102,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .machine import Machine
     if args.wait and not args.gdb:
         raise ValueError("--wait needs --gdb PORT")
-    with Machine(mem_mb=args.mem, smp=args.smp, strategy=args.strategy,
-                 watchdog_action=args.watchdog_action) as m:
-        m.load(args.guest, arg=args.arg)
-        server = None
-        if args.gdb:
-            from .gdb.server import attach_gdb
-            server = attach_gdb(m, args.gdb, wait=args.wait)
-        t0 = time.perf_counter()
-        m.start(paused=bool(server and args.wait))
-        status: int | None = None
-        try:
-            deadline = t0 + args.timeout if args.timeout else None
-            while status is None:
-                status = m.wait(0.2)
-                if status is None and deadline and time.perf_counter() > deadline:
-                    print(f"regsync: timeout after {args.timeout} s; stopping", file=sys.stderr)
-                    m.stop(124)
-                    status = 124
-        except KeyboardInterrupt:
-            print("regsync: interrupted; stopping the guest", file=sys.stderr)
-            m.stop(130)
-            status = 130
-        finally:
-            if server is not None:
-                server.close()
-        wall = time.perf_counter() - t0
-        if args.stats:
-            _print_stats(m, wall, args.json)
-        print(f"regsync: guest {args.guest} exited with status {status} "
-              f"({wall:.3f} s, {len(m.vcpus)} vCPU{'s' if len(m.vcpus) > 1 else ''})",
-              file=sys.stderr)
-        return status
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(args.serial, "w")) if args.serial else None
+        m = stack.enter_context(Machine(mem_mb=args.mem, smp=args.smp, strategy=args.strategy,
+                                        watchdog_action=args.watchdog_action, serial_out=sink))
+        return _run(m, args)
+
+
+def _run(m: Any, args: argparse.Namespace) -> int:
+    """Load, optionally serve gdb, run until the guest exits; the exit status."""
+    m.load(args.guest, arg=args.arg)
+    server = None
+    if args.gdb:
+        from .gdb.server import attach_gdb
+        server = attach_gdb(m, args.gdb, wait=args.wait)
+    t0 = time.perf_counter()
+    m.start(paused=bool(server and args.wait))
+    status: int | None = None
+    try:
+        deadline = t0 + args.timeout if args.timeout else None
+        while status is None:
+            status = m.wait(0.2)
+            if status is None and deadline and time.perf_counter() > deadline:
+                print(f"regsync: timeout after {args.timeout} s; stopping", file=sys.stderr)
+                m.stop(124)
+                status = 124
+    except KeyboardInterrupt:
+        print("regsync: interrupted; stopping the guest", file=sys.stderr)
+        m.stop(130)
+        status = 130
+    finally:
+        if server is not None:
+            server.close()
+    wall = time.perf_counter() - t0
+    if args.stats:
+        _print_stats(m, wall, args.json)
+    print(f"regsync: guest {args.guest} exited with status {status} "
+          f"({wall:.3f} s, {len(m.vcpus)} vCPU{'s' if len(m.vcpus) > 1 else ''})",
+          file=sys.stderr)
+    return status
 
 
 def _print_stats(m: Any, wall: float, as_json: bool) -> None:

@@ -142,3 +142,39 @@ def test_refused_write_keeps_value_and_discard_restores(reg: str, value: int) ->
         assert getattr(v.regs, reg) == before           # the kernel's value again
         run_to_tick(m, v)
         assert m.memory.read_u64(counter) == n + 1
+
+
+def test_msr_edits_go_in_one_batch_and_a_refused_value_names_the_msr() -> None:
+    with Machine(smp=1) as m:
+        m.load("counter")
+        v = m.vcpus[0]
+        run_to_tick(m, v)
+        v.regs.star, v.regs.lstar, v.regs.sfmask = STAR, 0xFFFF_8000_0000_1000, 0x4700
+        before = v.stats["ioctls"].get("KVM_SET_MSRS", 0)
+        run_to_tick(m, v)
+        assert v.stats["ioctls"]["KVM_SET_MSRS"] == before + 1       # three MSRs, one ioctl
+        assert v.regs.r13 == STAR
+        v.regs.lstar = 1 << 63                                         # not canonical
+        with pytest.raises(RegisterWriteError) as ei:
+            v.run()
+        assert ei.value.group == "MSRS" and ei.value.registers == ["lstar"]
+        assert "0xc0000082" in str(ei.value)
+        assert v.regs.lstar == 1 << 63                                 # kept, not lost
+        v.discard("MSRS")
+        run_to_tick(m, v)
+
+
+def test_msr_by_index_and_aliases() -> None:
+    with Machine(smp=1) as m:
+        m.load("counter")
+        v = m.vcpus[0]
+        run_to_tick(m, v)
+        assert v.regs.msr(0xC0000080) == v.regs.efer                   # alias of the SREGS home
+        assert v.regs.msr(0xC0000081) == v.regs.star
+        v.regs.set_msr(0xC0000081, STAR)
+        run_to_tick(m, v)
+        assert v.regs.r13 == STAR
+        from regsync import KvmError
+        with pytest.raises((KvmError, RegisterWriteError)) as ei:
+            v.regs.msr(0x1234_5678)                                    # no such MSR
+        assert "0x12345678" in str(ei.value)

@@ -139,3 +139,34 @@ def test_memory_and_symbols() -> None:
             ex = v.run()
             assert ex.kind == "io" and ex.port == 0x501
         assert m.memory.read_u64(addr) == v.regs.r12 == 3
+
+
+def _elf(code: bytes, entry: int = 0x200000) -> bytes:
+    """A minimal ELF64 x86-64 executable: one PT_LOAD segment at entry."""
+    import struct
+    ehdr = struct.pack("<4sBBBBB7xHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, 2, 62, 1, entry,
+                       64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0x1000, entry, entry, len(code), len(code) + 0x100,
+                       0x1000)
+    return (ehdr + phdr).ljust(0x1000, b"\0") + code
+
+
+def test_elf_image_loads_and_runs(tmp_path) -> None:
+    code = b"\xb0\x07\xe6\xf4\xf4"                  # mov $7, %al; out %al, $0xf4; hlt
+    img = tmp_path / "guest.elf"
+    img.write_bytes(_elf(code))
+    with Machine(smp=1) as m:
+        g = m.load(str(img))
+        assert (g.entry, g.mode) == (0x200000, "long")
+        assert m.memory.read(0x200000, len(code)) == code
+        assert m.memory.read(0x200000 + len(code), 0x100) == bytes(0x100)   # bss zeroed
+        m.start()
+        assert m.wait(30) == 7
+
+
+def test_truncated_elf_is_a_clear_error(tmp_path) -> None:
+    img = tmp_path / "bad.elf"
+    img.write_bytes(_elf(b"\x90" * 16)[:0x80])
+    with Machine(smp=1) as m:
+        with pytest.raises(GuestMemoryError, match="past the end of the file"):
+            m.load(str(img))

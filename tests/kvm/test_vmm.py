@@ -221,3 +221,11 @@ def test_stats_are_reported() -> None:
                         "--arg", "500", "--stats"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "KVM_RUN=" in p.stdout and "via kvm_run" in p.stdout
+
+
+def test_cli_serial_to_file(tmp_path) -> None:
+    out = tmp_path / "serial.txt"
+    p = subprocess.run([sys.executable, "-m", "regsync.cli", "run", "hello", "--smp", "1",
+                        "--serial", str(out)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout == ""
+    assert out.read_text() == "Hello from the regsync guest!\n"
