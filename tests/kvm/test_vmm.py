@@ -229,3 +229,23 @@ def test_cli_serial_to_file(tmp_path) -> None:
                         "--serial", str(out)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout == ""
     assert out.read_text() == "Hello from the regsync guest!\n"
+
+
+def test_run_on_cpu_reaches_a_vcpu_halted_in_the_kernel_and_a_paused_one(tmp_path) -> None:
+    """cli; hlt with the in-kernel LAPIC: KVM_RUN blocks in the kernel, no exit comes."""
+    img = tmp_path / "halt.bin"
+    img.write_bytes(b"\x49\xc7\xc0\x2a\x00\x00\x00" + b"\xfa\xf4" + b"\xeb\xfc")  # mov $42,%r8; cli; hlt
+    with Machine(smp=1) as m:
+        m.load(str(img))
+        m.start()
+        v = m.vcpus[0]
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        state, r8 = m.run_on_cpu(v, lambda: (v.regs.mp_state, v.regs.r8), timeout=5)
+        assert time.monotonic() - t0 < 5
+        assert (state, r8) == (3, 42)                 # KVM_MP_STATE_HALTED, guest progress seen
+        m.pause_all()
+        assert m.run_on_cpu(v, lambda: v.regs.r8, timeout=5) == 42
+        m.resume_all()
+        assert m.run_on_cpu(v, lambda: v.regs.mp_state, timeout=5) == 3
+        m.stop()
