@@ -69,6 +69,7 @@ class Transport(Protocol):
     fast_defer_mask: int    # sync groups whose held local copy can simply be queued
 
     def defer(self, mask: int) -> None: ...
+    def unconsumed(self, mask: int) -> int: ...
 
     def local(self, group: Group) -> Any: ...
     def fetch(self, group: Group) -> None: ...
@@ -276,6 +277,14 @@ class RegisterCache:
     def after_run(self) -> None:
         """KVM_RUN returned (an exit or EINTR): only what KVM handed back is held."""
         t = self.transport
+        if self.in_flight:
+            # KVM clears a kvm_dirty_regs bit as it applies the group. One still set
+            # was not applied (an AP waiting for SIPI returns before sync_regs, and
+            # KVM then stored its own registers over the page): keep those edits.
+            left = t.unconsumed(self.in_flight)
+            if left:
+                t.cancel_deferred()
+                self.dirty_mask |= left
         t.deferred = 0
         self.held = t.sync_mask
         self._fetched_since_run = 0

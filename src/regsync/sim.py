@@ -97,6 +97,7 @@ class SimKernel:
         # The kvm_run page: sync groups' copies and the kvm_dirty_regs set.
         self.run_page: dict[str, dict[str, int]] = {"GPRS": {}}
         self.dirty_regs: set[str] = set()
+        self.waiting_for_sipi = False
         # Called after every transfer as hook(op, group): lets a test change
         # kernel state between two ioctls (a deterministic race).
         self.hook: Callable[[str, str], None] | None = None
@@ -148,7 +149,15 @@ class SimKernel:
 
     def run(self) -> None:
         """KVM_RUN: take queued sync groups (refusal raises EINVAL, nothing runs),
-        apply a pending reset, step the guest once, hand sync groups back."""
+        apply a pending reset, step the guest once, hand sync groups back.
+
+        With ``waiting_for_sipi`` set it returns at once, like KVM_RUN of an AP
+        before its SIPI: nothing queued is applied, but the sync groups are handed
+        back (KVM's store_regs), overwriting the page.
+        """
+        if self.waiting_for_sipi:
+            self.run_page["GPRS"].update({n: self.values[n] for n in self.layout["GPRS"]})
+            return
         for group in sorted(self.dirty_regs):
             self._check(group, self.run_page[group], "SIM_RUN")
         for group in sorted(self.dirty_regs):
@@ -191,6 +200,10 @@ class SimTransport:
         self.names = {g.name: [r.name for r in CATALOG.registers_of(g.name)] for g in GROUPS}
         self.deferred = 0
         self.fast_defer_mask = self.sync_mask     # GPRS: held values are the run page
+
+    def unconsumed(self, mask: int) -> int:
+        """Deferred groups the last run did not apply (still queued)."""
+        return _BITS["GPRS"] & mask if "GPRS" in self.kernel.dirty_regs else 0
 
     def defer(self, mask: int) -> None:
         """Queue the held sync group for the next run (like kvm_dirty_regs)."""

@@ -249,3 +249,17 @@ def test_run_on_cpu_reaches_a_vcpu_halted_in_the_kernel_and_a_paused_one(tmp_pat
         m.resume_all()
         assert m.run_on_cpu(v, lambda: v.regs.mp_state, timeout=5) == 3
         m.stop()
+
+
+def test_edit_to_an_ap_waiting_for_sipi_is_not_lost() -> None:
+    """KVM_RUN of an AP before SIPI returns without applying kvm_dirty_regs (and
+    stores the kernel's registers over the page): the edit must survive."""
+    with Machine(smp=2) as m:
+        m.load("counter")                          # the BSP never starts the AP
+        m.start()
+        ap = m.vcpus[1]
+        assert m.run_on_cpu(ap, lambda: ap.regs.mp_state, timeout=5) == KVM_MP_STATE_UNINITIALIZED
+        m.run_on_cpu(ap, lambda: setattr(ap.regs, "r8", 0x5151), timeout=5)
+        for _ in range(5):                         # each call kicks the AP through KVM_RUN
+            assert m.run_on_cpu(ap, lambda: ap.regs.r8, timeout=5) == 0x5151
+        m.stop()

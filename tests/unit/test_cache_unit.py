@@ -374,3 +374,18 @@ def test_qemu_strategy_on_another_arch_puts_the_runtime_level() -> None:
     """QEMU's x86 put list does not exist elsewhere: the RUNTIME level stands in."""
     cache = make_cache("qemu", SimTransport(SimKernel()))
     assert cache.put_mask == cache.catalog.levels["RUNTIME"]
+
+
+def test_a_run_that_did_not_apply_kvm_dirty_regs_keeps_the_edits() -> None:
+    """An AP waiting for SIPI returns from KVM_RUN before sync_regs and stores its own
+    registers over the kvm_run page: the queued edit must stay dirty, not vanish."""
+    v = SimVcpu(use_sync=True)
+    v.run()
+    v.kernel.waiting_for_sipi = True
+    v.regs.r1 = 77
+    v.run()                                   # deferred, not applied, page overwritten
+    assert v.kernel.values["r1"] != 77
+    assert v.regs.r1 == 77                    # still the edit, still dirty
+    v.kernel.waiting_for_sipi = False
+    v.run()
+    assert v.kernel.values["r1"] == 77        # applied at the first real entry

@@ -230,6 +230,7 @@ class KvmTransport:
         self.fast_defer_mask = (g["REGS"].bit | g["SREGS"].bit) if use_sync_regs else 0
         # kvm_dirty_regs flags for every combination of sync group bits.
         sync_bits = [(g[n].bit, f) for n, f in _SYNC_FLAG.items()]
+        self._flag_pairs = sync_bits
         self._flags_for = {m: sum(f for b, f in sync_bits if m & b)
                            for m in range(self.catalog.all_mask + 1)
                            if not m & ~sum(b for b, _ in sync_bits)}
@@ -366,6 +367,13 @@ class KvmTransport:
         """Queue held sync groups (values already in the kvm_run page) for the next run."""
         self.run.kvm_dirty_regs |= self._flags_for[mask]
         self.deferred |= mask
+
+    def unconsumed(self, mask: int) -> int:
+        """The deferred groups in mask whose kvm_dirty_regs bit KVM has not cleared."""
+        flags = self.run.kvm_dirty_regs
+        if not flags:               # the usual case: KVM applied everything
+            return 0
+        return sum(bit for bit, flag in self._flag_pairs if mask & bit and flags & flag)
 
     def detach(self) -> dict[str, Any]:
         """Before the kvm_run page is unmapped: move sync groups to private copies."""
