@@ -118,6 +118,7 @@ class RegisterCache:
         self.in_flight = 0
         self._name_of_bit = {g.bit: g.name for g in self.groups}
         self._deferred_tally: dict[int, int] = {}
+        self.exits = 0                     # KVM_RUN returns seen (stats.exits)
         # Strategies that override write() opt out of regfile's inlined write.
         self.plain_writes = type(self).write is RegisterCache.write
         for reg in self.catalog.registers:
@@ -126,6 +127,7 @@ class RegisterCache:
     @property
     def stats(self) -> CacheStats:
         """The counters, with the writes KVM applied from kvm_dirty_regs folded in."""
+        self._stats.exits = self.exits
         if self._deferred_tally:
             for mask, n in self._deferred_tally.items():
                 for g in self.catalog.groups_in(mask):
@@ -274,21 +276,23 @@ class RegisterCache:
         if self._fetched_since_run:
             self.stats.writes_avoided += (self._fetched_since_run & ~self.in_flight).bit_count()
 
-    def after_run(self) -> None:
-        """KVM_RUN returned (an exit or EINTR): only what KVM handed back is held."""
+    def after_run(self, unapplied: int = 0) -> None:
+        """KVM_RUN returned (an exit or EINTR): only what KVM handed back is held.
+
+        ``unapplied``: queued groups the run did not apply (the caller asks the
+        transport only when the kvm_run page still shows queued bits). KVM clears a
+        kvm_dirty_regs bit as it applies the group; an AP waiting for SIPI returns
+        before applying any, then stores its own registers over the page: those
+        edits stay dirty and are laid back on top below.
+        """
         t = self.transport
-        if self.in_flight:
-            # KVM clears a kvm_dirty_regs bit as it applies the group. One still set
-            # was not applied (an AP waiting for SIPI returns before sync_regs, and
-            # KVM then stored its own registers over the page): keep those edits.
-            left = t.unconsumed(self.in_flight)
-            if left:
-                t.cancel_deferred()
-                self.dirty_mask |= left
+        if unapplied:
+            t.cancel_deferred()
+            self.dirty_mask |= unapplied
         t.deferred = 0
         self.held = t.sync_mask
         self._fetched_since_run = 0
-        self._stats.exits += 1
+        self.exits += 1
         done = self.in_flight & ~self.dirty_mask
         if done:
             # KVM applied the queued writes at entry: they are in the kernel now.
@@ -298,7 +302,7 @@ class RegisterCache:
             while done:
                 bit = done & -done
                 done ^= bit
-                self.dirty[self._name_of_bit[bit]] = {}
+                self.dirty[self._name_of_bit[bit]].clear()
         self.in_flight = 0
         if self.dirty_mask & self.held:
             # KVM rewrote the kvm_run page under edits made before a run that did

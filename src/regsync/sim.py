@@ -306,7 +306,7 @@ class SimVcpu:
             if e.errno == errno.EINVAL and self.transport.deferred:
                 self.cache.run_failed()     # raises RegisterWriteError naming the group
             raise
-        self.cache.after_run()
+        self.cache.after_run(self.transport.unconsumed(self.cache.in_flight))
 
     def mask(self, *names: str) -> int:
         """A group mask from group or level names ("GPRS", "FULL")."""

@@ -87,7 +87,9 @@ class Vcpu:
                 cache.run_failed()        # raises RegisterWriteError naming the group
             cache.take_back_deferred()
             raise
-        cache.after_run()
+        # A queued bit KVM did not clear was not applied (see cache.after_run).
+        cache.after_run(self.transport.unconsumed(cache.in_flight)
+                        if self._run_page.kvm_dirty_regs else 0)
         if rc < 0:
             self._run_page.immediate_exit = 0
             ex: exits.AnyExit = exits.INTERRUPTED
