@@ -34,6 +34,18 @@ def _spin_code_range() -> tuple[int, int]:
     return SPIN["spin_loop"], SPIN["_edata"]
 
 
+def _until(cond, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll cond() until true (no fixed sleeps: CI machines are slower and busier)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def _ap_counter(m: Machine) -> int:
+    return m.memory.read_u64(SPIN["spin_counters"] + 8)
+
+
 def _stop_spin(m: Machine) -> int | None:
     m.memory.write_u64(SPIN["spin_stop"], 1)
     return m.wait(60)
@@ -45,7 +57,7 @@ def test_run_on_cpu_on_spinning_vcpus() -> None:
     with Machine(smp=2) as m:
         m.load("spin")
         m.start()
-        time.sleep(0.2)                              # let the AP come up
+        _until(lambda: _ap_counter(m) > 0)           # the AP is up
         last_count = [0, 0]
         for i in range(1000):
             v = m.vcpus[i % 2]
@@ -75,9 +87,8 @@ def test_reset_mid_run_brings_every_vcpu_back() -> None:
     with Machine(smp=2) as m:
         m.load("spin")
         m.start()
-        time.sleep(0.2)
+        _until(lambda: _ap_counter(m) > 0)           # the AP was running
         m.pause_all()
-        assert m.memory.read_u64(SPIN["spin_counters"] + 8) > 0       # the AP was running
         m.reset()                                   # paused machine: stays paused
         bsp, ap = m.vcpus
         assert m.run_on_cpu(bsp, lambda: bsp.regs.rip) == SPIN["entry64"]
@@ -85,8 +96,7 @@ def test_reset_mid_run_brings_every_vcpu_back() -> None:
         assert m.run_on_cpu(ap, lambda: (ap.regs["cs.selector"], ap.regs.rip)) == (0xF000, 0xFFF0)
         assert m.memory.read_u64(SPIN["spin_counters"] + 8) == 0      # memory reloaded
         m.resume_all()
-        time.sleep(0.3)
-        assert m.memory.read_u64(SPIN["spin_counters"] + 8) > 0       # the AP started again
+        _until(lambda: _ap_counter(m) > 0)           # the AP started again
         assert _stop_spin(m) == 0, m.serial.text
         assert m.resets == 1
 
@@ -154,7 +164,9 @@ def test_sigint_leaves_no_threads_or_fds() -> None:
 def test_cli_sigint_exits_130() -> None:
     p = subprocess.Popen([sys.executable, "-m", "regsync.cli", "run", "spin", "--smp", "2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    # Interrupt once the vCPU threads run (main + watchdog + 2 vCPUs).
+    _until(lambda: len(os.listdir(f"/proc/{p.pid}/task")) >= 4)
+    time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 130, err
@@ -239,7 +251,7 @@ def test_run_on_cpu_reaches_a_vcpu_halted_in_the_kernel_and_a_paused_one(tmp_pat
         m.load(str(img))
         m.start()
         v = m.vcpus[0]
-        time.sleep(0.2)
+        _until(lambda: m.run_on_cpu(v, lambda: v.regs.mp_state, timeout=5) == 3)
         t0 = time.monotonic()
         state, r8 = m.run_on_cpu(v, lambda: (v.regs.mp_state, v.regs.r8), timeout=5)
         assert time.monotonic() - t0 < 5
