@@ -92,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .memory import GuestMemoryError
     try:
         return int(_COMMANDS[args.command](args))
+    except KeyboardInterrupt:
+        print("regsync: interrupted", file=sys.stderr)
+        return 130
     except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError, KvmError,
             KvmUnavailable, GuestMemoryError, OSError) as e:
         print(f"regsync: error: {e}", file=sys.stderr)
@@ -117,9 +120,9 @@ def _run(m: Any, args: argparse.Namespace) -> int:
         from .gdb.server import attach_gdb
         server = attach_gdb(m, args.gdb, wait=args.wait)
     t0 = time.perf_counter()
-    m.start(paused=bool(server and args.wait))
     status: int | None = None
     try:
+        m.start(paused=bool(server and args.wait))
         deadline = t0 + args.timeout if args.timeout else None
         while status is None:
             status = m.wait(0.2)
