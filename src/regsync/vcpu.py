@@ -66,6 +66,7 @@ class Vcpu:
         self._run_view = memoryview((ctypes.c_char * ctypes.sizeof(ks.kvm_run)).from_address(
             handle.run_page_addr)).cast("B")
         self.last_exit: exits.AnyExit | None = None
+        self._pending_exit: exits.AnyExit | None = None   # see _complete_pending_io
 
     # --- the run ---------------------------------------------------------------------
     def run(self) -> exits.AnyExit:
@@ -76,6 +77,10 @@ class Vcpu:
             if (reason == ks.KVM_EXIT_IO and self._run_view[_IO_DIRECTION] == ks.KVM_EXIT_IO_IN) \
                     or (reason == ks.KVM_EXIT_MMIO and not self._run_view[_MMIO_IS_WRITE]):
                 self._complete_pending_io()
+        if self._pending_exit is not None:
+            pending, self._pending_exit = self._pending_exit, None
+            return pending
+        if cache.dirty_mask:
             if self._plain_cache:
                 cache.flush()
         if not self._plain_cache or cache._fetched_since_run:
@@ -118,11 +123,17 @@ class Vcpu:
         self.cache.take_back_deferred()
         self._run_page.immediate_exit = 1
         try:
-            self.handle.run()
+            rc = self.handle.run()
         finally:
             self._run_page.immediate_exit = 0
         self.cache.after_run()
-        self.last_exit = exits.INTERRUPTED   # the page now shows KVM_EXIT_INTR
+        if rc < 0:
+            self.last_exit = exits.INTERRUPTED   # the page now shows KVM_EXIT_INTR
+        else:
+            # Completing it produced an exit of its own (the next chunk of a rep
+            # ins, say): the next run() returns it without entering the guest.
+            self.last_exit = self._pending_exit = exits.decode(
+                self._run_page, self._run_addr, self._run_view)
 
     # --- sync vocabulary ---------------------------------------------------------------
     def synchronize(self, what: int | str | Iterable[str] = "FULL") -> None:
@@ -170,4 +181,4 @@ class Vcpu:
         return f"<Vcpu {self.id} strategy={self.strategy}>"
 
 
-__all__ = ["Vcpu", "to_mask", "LEVELS", "ks"]
+__all__ = ["Vcpu", "to_mask", "LEVELS"]

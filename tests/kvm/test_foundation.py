@@ -170,3 +170,38 @@ def test_truncated_elf_is_a_clear_error(tmp_path) -> None:
     with Machine(smp=1) as m:
         with pytest.raises(GuestMemoryError, match="past the end of the file"):
             m.load(str(img))
+
+
+def test_register_edit_at_a_split_rep_ins_loses_no_data(tmp_path) -> None:
+    """rep insb across a page boundary exits once per chunk. Editing a register at
+    the first IN makes regsync complete the I/O first (re-entry with immediate_exit);
+    the next chunk's exit is handed back by run(), and every byte arrives."""
+    code = bytearray()
+    code += b"\x66\xba\x60\x00"                              # mov $0x60, %dx
+    code += b"\x48\xbf" + (0x100FFE).to_bytes(8, "little")  # movabs $0x100ffe, %rdi
+    code += b"\x48\xc7\xc1\x04\x00\x00\x00"                  # mov $4, %rcx
+    code += b"\xf3\x6c"                                      # rep insb
+    code += b"\xe6\x61"                                      # out %al, $0x61
+    code += b"\xf4"
+    img = tmp_path / "insb.bin"
+    img.write_bytes(bytes(code))
+    with Machine(smp=1, irqchip=False) as m:
+        m.load(str(img))
+        v = m.vcpus[0]
+        sent = 0
+        edited = False
+        while True:
+            ex = v.run()
+            if ex.kind == "io" and ex.port == 0x60:
+                ex.respond(bytes(range(0x41 + sent, 0x41 + sent + ex.count)))
+                sent += ex.count
+                if not edited:
+                    v.regs.r8 = 0xE1              # an edit while the IN is pending
+                    edited = True
+            elif ex.kind == "io" and ex.port == 0x61:
+                break
+            else:
+                pytest.fail(f"unexpected {ex!r}")
+        assert sent == 4
+        assert m.memory.read(0x100FFE, 4) == b"ABCD"
+        assert v.regs.r8 == 0xE1 and v.regs.rcx == 0
