@@ -224,6 +224,14 @@ class KvmTransport:
             name: MsrBatch([int(r.field[4:], 16) for r in self.catalog.registers_of(name)
                             if int(r.field[4:], 16) in supported_msrs])
             for name in ("MSRS", "MSRS_TIME")}
+        # One transfer each way per whole-struct group (MP_STATE and MSRs are special).
+        self._struct_get: dict[str, Callable[[Any], Any]] = {
+            "REGS": vcpu.get_regs, "SREGS": vcpu.get_sregs, "EVENTS": vcpu.get_vcpu_events,
+            "XSAVE": vcpu.get_xsave, "XCRS": vcpu.get_xcrs, "DEBUGREGS": vcpu.get_debugregs,
+            "LAPIC": vcpu.get_lapic}
+        self._struct_set: dict[str, Callable[[Any], None]] = {
+            "REGS": vcpu.set_regs, "SREGS": vcpu.set_sregs, "EVENTS": vcpu.set_vcpu_events,
+            "XSAVE": vcpu.set_xsave, "XCRS": vcpu.set_xcrs, "DEBUGREGS": vcpu.set_debugregs}
         self.deferred = 0  # group bits written through kvm_dirty_regs, applied by the next KVM_RUN
         # REGS and SREGS need nothing but their kvm_dirty_regs bit once held (EVENTS
         # needs its valid-flags computed): the cache's no-syscall fast path.
@@ -252,20 +260,8 @@ class KvmTransport:
         name, local, v = group.name, self._locals[group.name], self.vcpu
         if name in self.unavailable:
             raise GroupUnavailable(f"{name}: {self.unavailable[name]}")
-        if name == "REGS":
-            v.get_regs(local)
-        elif name == "SREGS":
-            v.get_sregs(local)
-        elif name == "EVENTS":
-            v.get_vcpu_events(local)
-        elif name == "XSAVE":
-            v.get_xsave(local)
-        elif name == "XCRS":
-            v.get_xcrs(local)
-        elif name == "DEBUGREGS":
-            v.get_debugregs(local)
-        elif name == "LAPIC":
-            v.get_lapic(local)
+        if name in self._struct_get:
+            self._struct_get[name](local)
         elif name == "MP_STATE":
             local.mp_state = v.get_mp_state()
         elif name in self.msr_batches:
@@ -341,10 +337,7 @@ class KvmTransport:
         return written
 
     def _set_by_ioctl(self, name: str, local: Any) -> None:
-        v = self.vcpu
-        setters: dict[str, Callable[[Any], None]] = {"REGS": v.set_regs, "SREGS": v.set_sregs, "EVENTS": v.set_vcpu_events,
-         "XSAVE": v.set_xsave, "XCRS": v.set_xcrs, "DEBUGREGS": v.set_debugregs}
-        setters[name](local)
+        self._struct_set[name](local)
 
     def _store_lapic(self, regs: dict[Register, int], set_fn: Callable[[Register, Any, int], None]
                      ) -> None:

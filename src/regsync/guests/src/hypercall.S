@@ -23,11 +23,8 @@ hc_checksum:    .quad 0
         .text
         .globl main
 main:
-        mov boot_arg, %rbp
-        test %rbp, %rbp
-        jnz 1f
-        mov $DEFAULT_N, %ebp
-1:      mov %rbp, hc_n
+        ARG_OR DEFAULT_N
+        mov %rbp, hc_n
         xor %r15d, %r15d                # checksum
         mov $1, %ebx                    # i
         test %rbp, %rbp

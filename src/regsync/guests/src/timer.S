@@ -27,11 +27,8 @@ timer_spins:    .quad 0                 # spins of the current round
         .text
         .globl main
 main:
-        mov boot_arg, %rbp
-        test %rbp, %rbp
-        jnz 1f
-        mov $DEFAULT_ROUNDS, %ebp
-1:      call lapic_enable
+        ARG_OR DEFAULT_ROUNDS
+        call lapic_enable
         mov $VEC_TIMER, %ecx
         mov $timer_isr, %eax
         call set_gate

@@ -21,11 +21,8 @@ wd_pets_done:   .quad 0
         .text
         .globl main
 main:
-        mov boot_arg, %rbp
-        test %rbp, %rbp
-        jnz 1f
-        mov $DEFAULT_PETS, %ebp
-1:      mov $TIMEOUT_MS, %edi
+        ARG_OR DEFAULT_PETS
+        mov $TIMEOUT_MS, %edi
         xor %esi, %esi
         HYPERCALL HC_WATCHDOG_ARM
         cmp $NEVER_PET, %rbp
