@@ -44,7 +44,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .regdefs import Catalog, Group, Register
+from .regdefs import Catalog, FlushError, Group, Register
 
 
 class RegisterWriteError(Exception):
@@ -229,12 +229,10 @@ class RegisterCache:
         dirty = {g.name: self.dirty[g.name] for g in self.groups if g.bit & todo}
         try:
             written = t.store(dirty, self.held, allow_defer, self._overlay)
-        except Exception as e:
-            for name in getattr(e, "written", ()):
+        except FlushError as e:
+            for name in e.written:
                 self._clean(name)
-            if hasattr(e, "group"):
-                raise RegisterWriteError(e.group, e.registers, e.cause) from None  # type: ignore[attr-defined]
-            raise
+            raise RegisterWriteError(e.group, e.registers, e.cause) from None
         for name, fetched in written:
             if fetched:
                 self.stats.fetches[name] += 1

@@ -89,3 +89,14 @@ class Catalog:
 
     def registers_of(self, group: str) -> list[Register]:
         return [r for r in self.registers if r.group == group]
+
+
+class FlushError(Exception):
+    """A transport's kernel refused a group. ``written`` lists the groups that did
+    reach the kernel before it (the cache marks those clean, keeps the rest)."""
+
+    def __init__(self, group: str, registers: list[str], cause: Exception,
+                 written: list[str]) -> None:
+        self.group, self.registers, self.cause, self.written = group, registers, cause, written
+        super().__init__(f"the kernel refused {group} ({', '.join(registers)}): {cause}")
+

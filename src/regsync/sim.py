@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from .cache import RegisterCache
 from .kvm import KvmError
-from .regdefs import Catalog, Group, Register
+from .regdefs import Catalog, FlushError, Group, Register
 from .regfile import make_register_file
 from .strategies import make_cache
 
@@ -175,15 +175,6 @@ class SimKernel:
         self.run_page["GPRS"].update({n: v[n] for n in self.layout["GPRS"]})
 
 
-class SimFlushError(Exception):
-    """The kernel refused a group. ``written`` lists the groups that did get written."""
-
-    def __init__(self, group: str, registers: list[str], cause: KvmError,
-                 written: list[str]) -> None:
-        self.group, self.registers, self.cause, self.written = group, registers, cause, written
-        super().__init__(f"kernel refused {group} ({', '.join(registers)}): {cause}")
-
-
 class SimTransport:
     """Moves sim groups between the cache and SimKernel (the Transport protocol)."""
 
@@ -264,7 +255,7 @@ class SimTransport:
                 else:
                     self.kernel.set(name, {n: local[n] for n in self.names[name]})
             except KvmError as e:
-                raise SimFlushError(name, [r.name for r in regs], e,
+                raise FlushError(name, [r.name for r in regs], e,
                                     [n for n, _ in written]) from None
             written.append((name, fetched))
         return written

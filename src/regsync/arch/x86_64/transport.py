@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from ...kvm import KvmError, Vcpu
 from ...kvm import structs as s
-from ...regdefs import Catalog, Group, Register
+from ...regdefs import Catalog, FlushError, Group, Register
 from .catalog import CATALOG, SEG_ATTR_FIELDS
 
 Getter = Callable[[Any], int]
@@ -60,15 +60,6 @@ class GroupUnavailable(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
-
-
-class FlushError(Exception):
-    """KVM refused a group. ``written`` lists the groups that did reach the kernel."""
-
-    def __init__(self, group: str, registers: list[str], cause: KvmError,
-                 written: list[str]) -> None:
-        self.group, self.registers, self.cause, self.written = group, registers, cause, written
-        super().__init__(f"KVM refused {group} ({', '.join(registers)}): {cause}")
 
 
 # --- accessors built from field locators ---------------------------------------------
