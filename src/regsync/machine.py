@@ -10,7 +10,7 @@ Threads, devices and the exit dispatch loop live in vmm.py, built on this.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from .arch.x86_64 import boot
@@ -37,6 +37,18 @@ class LoadedGuest:
     end: int             # first byte past the image (bss included)
     arg: int = 0         # the guest argument in the boot info
     addr: int = 0x100000
+
+
+def _read_image(guest: str | os.PathLike[str]) -> bytes:
+    """A bundled guest by name, or the bytes of an image file."""
+    name = str(guest)
+    if name in GUESTS:
+        return load_image(name)
+    path = Path(guest)
+    if not path.is_file():
+        known = ", ".join(sorted(GUESTS))
+        raise FileNotFoundError(f"{name}: no such guest image (bundled guests: {known})")
+    return path.read_bytes()
 
 
 def _has_multiboot_magic(image: bytes) -> bool:
@@ -140,44 +152,34 @@ class Machine(VmmMixin):
         if mode not in ("auto", "long", "protected", "real"):
             raise ValueError(f"mode={mode!r}: one of auto, long, protected, real")
         name = str(guest)
-        if name in GUESTS:
-            image = load_image(name)
-        else:
-            path = Path(guest)
-            if not path.is_file():
-                known = ", ".join(sorted(GUESTS))
-                raise FileNotFoundError(f"{name}: no such guest image (bundled guests: {known})")
-            image = path.read_bytes()
-        ncpus = len(self.vcpus)
-        boot.write_boot_tables(self.memory, ncpus, self.memory.size)
+        image = _read_image(guest)
+        boot.write_boot_tables(self.memory, len(self.vcpus), self.memory.size)
         self.memory.write_u64(BOOT_ARG, arg)
+        entry, entry_mode, end = self._place(image, mode, addr)
+        loaded = LoadedGuest(name, entry, entry_mode, end, arg, addr)
+        self._enter(loaded)
+        self.guest = loaded
+        return loaded
+
+    def _place(self, image: bytes, mode: str, addr: int) -> tuple[int, str, int]:
+        """Copy the image into guest memory: (entry, mode, end of image and bss)."""
         if image[:4] == b"\x7fELF":
             entry, segs = elf_segments(image)
             load_segments(self.memory, segs)
             end = max((s.gpa + s.memsz for s in segs), default=entry)
-            loaded = LoadedGuest(name, entry, "long" if mode == "auto" else mode, end)
-        else:
-            # An image that carries a multiboot header must parse (a corrupt one is an
-            # error that names the problem); one without is a flat binary.
-            hdr = parse_header(image) if _has_multiboot_magic(image) else None
-            if hdr is not None:
-                data = image[:hdr.load_end - hdr.load_addr]
-                self.memory.write(hdr.load_addr, data)
-                if hdr.bss_end > hdr.load_end:
-                    self.memory.write(hdr.load_end, bytes(hdr.bss_end - hdr.load_end))
-                end = hdr.bss_end
-                if hdr.entry64 is not None and mode in ("auto", "long"):
-                    loaded = LoadedGuest(name, hdr.entry64, "long", end)
-                else:
-                    loaded = LoadedGuest(name, hdr.entry32, "protected", end)
-            else:
-                self.memory.write(addr, image)
-                loaded = LoadedGuest(name, addr, "long" if mode == "auto" else mode,
-                                     addr + len(image))
-        loaded = replace(loaded, arg=arg, addr=addr, mode=loaded.mode)
-        self._enter(loaded)
-        self.guest = loaded
-        return loaded
+            return entry, "long" if mode == "auto" else mode, end
+        # An image that carries a multiboot header must parse (a corrupt one is an
+        # error that names the problem); one without is a flat binary at addr.
+        if not _has_multiboot_magic(image):
+            self.memory.write(addr, image)
+            return addr, "long" if mode == "auto" else mode, addr + len(image)
+        hdr = parse_header(image)
+        self.memory.write(hdr.load_addr, image[:hdr.load_end - hdr.load_addr])
+        if hdr.bss_end > hdr.load_end:
+            self.memory.write(hdr.load_end, bytes(hdr.bss_end - hdr.load_end))
+        if hdr.entry64 is not None and mode in ("auto", "long"):
+            return hdr.entry64, "long", hdr.bss_end
+        return hdr.entry32, "protected", hdr.bss_end
 
     def _enter(self, g: LoadedGuest) -> None:
         regs = self.vcpus[0].regs
