@@ -74,6 +74,7 @@ class System(_Handle):
         return self._io("KVM_CHECK_EXTENSION", CAPS[cap] if isinstance(cap, str) else cap)
 
     def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE: bytes to map for kvm_run (and what follows it)."""
         return self._io("KVM_GET_VCPU_MMAP_SIZE")
 
     def supported_cpuid(self, max_entries: int = 256) -> Any:
@@ -101,6 +102,7 @@ class System(_Handle):
         return list(buf.indices[: buf.nmsrs])
 
     def create_vm(self) -> "Vm":
+        """KVM_CREATE_VM (default machine type)."""
         return Vm(self._io("KVM_CREATE_VM", 0), self)
 
 
@@ -113,6 +115,7 @@ class Vm(_Handle):
         self.system = system
 
     def check_extension(self, cap: str | int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd: the answer for this VM (XSAVE2's size)."""
         return self._io("KVM_VM_CHECK_EXTENSION", CAPS[cap] if isinstance(cap, str) else cap)
 
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, size: int,
@@ -122,21 +125,27 @@ class Vm(_Handle):
         self._io("KVM_SET_USER_MEMORY_REGION", region)
 
     def set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR: three pages below 4 GiB KVM may use (VMX real mode)."""
         self._io("KVM_SET_TSS_ADDR", addr)
 
     def set_identity_map_addr(self, addr: int) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR: one page for the EPT identity map (VMX)."""
         self._io("KVM_SET_IDENTITY_MAP_ADDR", ctypes.c_uint64(addr))
 
     def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and a LAPIC per vCPU (before vCPUs)."""
         self._io("KVM_CREATE_IRQCHIP")
 
     def create_pit2(self, flags: int = 0) -> None:
+        """KVM_CREATE_PIT2: the in-kernel i8254."""
         self._io("KVM_CREATE_PIT2", s.kvm_pit_config(flags))
 
     def irq_line(self, irq: int, level: int) -> None:
+        """KVM_IRQ_LINE: drive a GSI of the in-kernel irqchip."""
         self._io("KVM_IRQ_LINE", s.kvm_irq_level(irq, level))
 
     def create_vcpu(self, vcpu_id: int) -> "Vcpu":
+        """KVM_CREATE_VCPU, then map its kvm_run page (the fd is closed if that fails)."""
         fd = self._io("KVM_CREATE_VCPU", vcpu_id)
         try:
             vcpu = Vcpu(fd, vcpu_id, self.system.vcpu_mmap_size())
@@ -148,7 +157,14 @@ class Vm(_Handle):
 
 
 class Vcpu(_Handle):
-    """A vCPU fd and its mmap'd kvm_run page. Getters return fresh kernel structs."""
+    """A vCPU fd and its mmap'd kvm_run page.
+
+    Each ``get_X(into=None)`` wraps KVM_GET_X and returns the kernel struct (filling
+    ``into`` when given); each ``set_X(struct)`` wraps KVM_SET_X. All raise
+    KvmError naming the ioctl, the vCPU and errno.
+
+        regs = vcpu.get_regs(); regs.rax = 1; vcpu.set_regs(regs)
+    """
 
     def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
         super().__init__(fd, Counters())
