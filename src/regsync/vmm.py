@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from . import exits
 from .devices import PortBus
@@ -239,7 +239,9 @@ class VmmMixin:
         elif isinstance(ex, exits.HltExit):
             # Without an in-kernel irqchip nothing can wake a halted vCPU.
             self.halted.add(vcpu.id)
-            self._thread_of(vcpu).state = RunState.STOPPED
+            t = self.thread_of(vcpu)
+            if t is not None:
+                t.state = RunState.STOPPED
             if len(self.halted) == len(self.vcpus):
                 self._finish(0)
         elif isinstance(ex, exits.SystemEventExit):
@@ -319,53 +321,69 @@ class VmmMixin:
                     t.kick()
                     t.thread.join(timeout)
 
-    def _thread_of(self, vcpu: Vcpu) -> VcpuThread:
+    def thread_of(self, vcpu: Vcpu) -> VcpuThread | None:
+        """The thread running vcpu (None before start())."""
         for t in self.threads:
             if t.vcpu is vcpu:
                 return t
-        raise KeyError(f"vCPU {vcpu.id} has no thread (start() first)")
+        return None
+
+    def _threads(self, vcpus: Iterable[int] | None) -> list[VcpuThread]:
+        ids = None if vcpus is None else set(vcpus)
+        return [t for t in self.threads if ids is None or t.vcpu.id in ids]
 
     def run_on_cpu(self, vcpu: Vcpu | int, fn: Callable[[], T], timeout: float | None = 30.0) -> T:
         """Run fn on the vCPU's own thread (kicking it out of KVM_RUN) and return its result."""
         v = self.vcpus[vcpu] if isinstance(vcpu, int) else vcpu
-        if not self.threads:
-            return fn()
-        return self._thread_of(v).call(fn, timeout)
+        t = self.thread_of(v)
+        return fn() if t is None else t.call(fn, timeout)
 
-    def pause_all(self, timeout: float = 10.0) -> None:
-        """Bring every vCPU out of the guest and hold it there."""
-        for t in self.threads:
-            # Always queue a pause, even to a paused thread: a "resume" may be queued
-            # ahead of it, and the thread must end up paused, not running.
+    @staticmethod
+    def _ask_pause(threads: Iterable[VcpuThread]) -> None:
+        # Always queue a pause, even to a thread that looks paused: a "resume" may
+        # be queued ahead of it, and the thread must end up paused, not running.
+        for t in threads:
             if t.state is not RunState.STOPPED:
                 t.paused.clear()
                 try:
                     t.post("pause")
                 except VcpuStopped:
                     t.paused.set()
-        for t in self.threads:
+
+    def pause(self, vcpus: Iterable[int] | None = None, timeout: float = 10.0) -> None:
+        """Bring these vCPUs (by id; default all) out of the guest and hold them there."""
+        threads = self._threads(vcpus)
+        self._ask_pause(threads)
+        for t in threads:
             if not t.paused.wait(timeout):
                 raise TimeoutError(f"vCPU {t.vcpu.id} did not pause within {timeout} s")
+
+    def pause_all(self, timeout: float = 10.0) -> None:
+        self.pause(None, timeout)
 
     def stop_all_from(self, vcpu: Vcpu) -> None:
         """Called on vCPU's own thread (e.g. from debug_handler): this vCPU pauses
         after the handler returns and every other vCPU is asked to pause (all-stop).
-        Does not wait for the others; pause_all() can be used afterwards to wait."""
-        own = self._thread_of(vcpu)
+        Does not wait for the others; pause() can be used afterwards to wait."""
+        own = self.thread_of(vcpu)
+        if own is None:
+            raise KeyError(f"vCPU {vcpu.id} has no thread (start() first)")
         own.state = RunState.PAUSED
         own.paused.set()
-        for t in self.threads:
-            if t is not own and t.state is not RunState.STOPPED:
-                t.paused.clear()
+        self._ask_pause(t for t in self.threads if t is not own)
+
+    def resume(self, vcpus: Iterable[int] | None = None) -> None:
+        """Let these vCPUs (by id; default all) run again. Queued after any pause, so
+        the last request wins even if the thread has not drained the pause yet."""
+        for t in self._threads(vcpus):
+            if t.state is not RunState.STOPPED:
                 try:
-                    t.post("pause")
+                    t.post("resume")
                 except VcpuStopped:
                     pass
 
     def resume_all(self) -> None:
-        for t in self.threads:
-            if t.state is RunState.PAUSED:
-                t.post("resume")
+        self.resume()
 
     @property
     def paused(self) -> bool:

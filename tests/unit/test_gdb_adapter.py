@@ -73,12 +73,21 @@ class FakeMachine:
     def run_on_cpu(self, v: Any, fn: Callable[[], Any], timeout: float = 0) -> Any:
         return fn()
 
-    def pause_all(self, timeout: float = 0) -> None:
-        pass
+    def thread_of(self, v: Any) -> Any:
+        return self.threads[v.id]
+
+    def pause(self, vids: Any = None, timeout: float = 0) -> None:
+        for t in self.threads:
+            if vids is None or t.vcpu.id in vids:
+                t.post("pause")
+
+    def resume(self, vids: Any = None) -> None:
+        for t in self.threads:
+            if vids is None or t.vcpu.id in vids:
+                t.post("resume")
 
     def resume_all(self) -> None:
-        for t in self.threads:
-            t.posted.append("resume")
+        self.resume()
 
     def stop_all_from(self, v: Any) -> None:
         self.stopped_from.append(v.id)

@@ -21,8 +21,8 @@ Threads and ownership
 * Debug exits are judged against the guest-debug state the vCPU actually ran
   with (``_applied``), never against gdb's current breakpoints, so a late hit
   of a breakpoint gdb already lifted is held, not re-injected into the guest.
-* Pausing posts "pause" even to threads that look paused (:meth:`_pause`):
-  one may hold a queued "resume" that ``machine.pause_all`` would not see.
+* Pausing goes through ``machine.pause``, which queues "pause" even to a thread
+  that looks paused: one may hold a queued "resume" not yet drained.
 
 Breakpoints
 -----------
@@ -185,12 +185,6 @@ class MachineTarget(TargetBase):
         except KvmError as e:
             raise TargetError(e.errno or errno.EIO, str(e)) from None
 
-    def _thread(self, vid: int) -> Any:
-        for t in self.m.threads:
-            if t.vcpu.id == vid:
-                return t
-        return None
-
     def _ioctl_totals(self) -> tuple[int, int]:
         """(all, register) ioctls so far, summed over vCPUs; cheap enough for
         every stop (during a debug session the only non-register vCPU ioctls
@@ -242,20 +236,10 @@ class MachineTarget(TargetBase):
         return StopEvent(tid=1, signal=SIGTRAP)
 
     def _pause(self, vids: set[int] | None = None) -> None:
-        """Pause the threads of ``vids`` (default all) and wait until they are.
-
-        Unlike ``machine.pause_all`` this also posts "pause" to a thread that
-        still looks paused: it may hold a "resume" not yet drained, and would
-        run once it drains it.  Queued after the resume, the pause wins."""
-        for t in self.m.threads:
-            if (vids is None or t.vcpu.id in vids) and t.state is not RunState.STOPPED:
-                t.paused.clear()
-                try:
-                    t.post("pause")
-                except VcpuStopped:
-                    t.paused.set()
+        """Pause the vCPUs ``vids`` (default all) and wait until they are
+        (``machine.pause`` queues the pause even behind a not-yet-drained resume)."""
         try:
-            self.m.pause_all()        # waits for every thread's paused event
+            self.m.pause(vids)
         except TimeoutError:
             pass  # a vCPU stuck in the kernel: go on, it is asked to pause
 
@@ -353,7 +337,7 @@ class MachineTarget(TargetBase):
         v = self._vcpu(tid)
         snap = self._snapshot(tid)
         mode = Paging(snap["cr0"], snap["cr3"], snap["cr4"], snap["efer"]).mode
-        t = self._thread(v.id)
+        t = self.m.thread_of(v)
         extra = " halted" if t is not None and t.state is RunState.STOPPED else ""
         return f"vCPU {v.id} rip={snap['rip']:#x} {mode}{extra}"
 
@@ -566,14 +550,7 @@ class MachineTarget(TargetBase):
             self._gen += 1
         self._ran = set(plan)
         self._forget(self._ran)
-        for vid in plan:
-            t = self._thread(vid)
-            if t is None:
-                continue
-            try:
-                t.post("resume")
-            except VcpuStopped:
-                pass
+        self.m.resume(plan)
 
     def interrupt(self) -> None:
         with self._lock:
