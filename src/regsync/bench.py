@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from .kvm import Counters
 from .kvm import structs as ks
 from .machine import Machine
 from .vcpu import LEVELS
@@ -153,9 +154,8 @@ def _once(workload: str, strategy: str, n: int) -> tuple[float, float, float, fl
         _loop(workload, strategy, m, n)
         dt = time.perf_counter() - t0
         after = v.handle.counters
-        delta = {k: after[k] - before.get(k, 0) for k in after}
-        total = sum(delta.values())
-        return n / dt, total / n, (total - delta.get("KVM_RUN", 0)) / n, dt
+        delta = Counters({k: after[k] - before.get(k, 0) for k in after})
+        return n / dt, sum(delta.values()) / n, delta.register_ioctls() / n, dt
 
 
 def measure(workload: str, strategy: str, n: int, repeat: int) -> Cell:

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..arch.x86_64 import CATALOG
 from ..exits import DebugExit
 from ..kvm import KvmError
+from ..kvm.ioctls import moves_register_state
 from ..kvm import structs as ks
 from ..memory import GuestMemoryError
 from ..vmm import EXIT_FATAL, EXIT_WATCHDOG, RunState, VcpuStopped
@@ -87,17 +88,11 @@ DR7_GE = 1 << 9
 #: their registers at a stop costs no ioctl.
 _FREE_GROUPS = frozenset({"REGS", "SREGS"})
 _SNAP_REGS = ("rip", "rsp", "rbp", "cr0", "cr3", "cr4", "efer")
-_NOT_REGISTER_IOCTLS = frozenset({"KVM_RUN", "KVM_SET_GUEST_DEBUG", "KVM_SET_CPUID2",
-                                  "KVM_GET_CPUID2", "KVM_GET_CLOCK", "KVM_SET_CLOCK",
-                                  "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_IRQCHIP",
-                                  "KVM_SET_IRQCHIP"})
 
 
 def register_ioctls(counters: dict[str, int]) -> int:
-    """How many of ``counters`` moved vCPU register state (GET/SET of regs,
-    sregs, xsave, MSRs, events, ...): not runs, setup or VM-wide state."""
-    return sum(n for name, n in counters.items()
-               if name.startswith(("KVM_GET_", "KVM_SET_")) and name not in _NOT_REGISTER_IOCTLS)
+    """How many of ``counters`` moved vCPU register state (see kvm.ioctls)."""
+    return sum(n for name, n in counters.items() if moves_register_state(name))
 
 
 # --- records --------------------------------------------------------------------------
@@ -186,15 +181,12 @@ class MachineTarget(TargetBase):
             raise TargetError(e.errno or errno.EIO, str(e)) from None
 
     def _ioctl_totals(self) -> tuple[int, int]:
-        """(all, register) ioctls so far, summed over vCPUs; cheap enough for
-        every stop (during a debug session the only non-register vCPU ioctls
-        are KVM_RUN and KVM_SET_GUEST_DEBUG)."""
+        """(all, register) ioctls so far, summed over vCPUs (taken at every stop)."""
         total = reg = 0
         for v in self.m.vcpus:
             c = v.handle.counters
-            n = sum(c.values())
-            total += n
-            reg += n - c["KVM_RUN"] - c["KVM_SET_GUEST_DEBUG"]
+            total += sum(c.values())
+            reg += register_ioctls(c)
         return total, reg
 
     def _read_snapshot(self, v: "Vcpu") -> dict[str, int]:

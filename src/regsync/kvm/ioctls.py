@@ -118,3 +118,19 @@ CAPS: dict[str, int] = {
     "GUEST_DEBUG_HW_BPS": 119, "GUEST_DEBUG_HW_WPS": 120, "MAX_VCPU_ID": 128,
     "IMMEDIATE_EXIT": 136, "GET_MSR_FEATURES": 153, "SREGS2": 200, "XSAVE2": 208,
 }
+
+# GET/SET ioctls that do not move a vCPU's register state: setup (CPUID), guest
+# debugging, and VM-wide state. Names outside this table (QEMU's, counted with
+# strace) are classified by the same rule.
+_NOT_REGISTER_STATE = frozenset({
+    "KVM_SET_GUEST_DEBUG", "KVM_SET_CPUID2", "KVM_GET_CPUID2", "KVM_GET_SUPPORTED_CPUID",
+    "KVM_GET_MSR_INDEX_LIST", "KVM_GET_MSR_FEATURE_INDEX_LIST", "KVM_SET_USER_MEMORY_REGION",
+    "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_GET_CLOCK", "KVM_SET_CLOCK",
+    "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP",
+    "KVM_GET_API_VERSION", "KVM_GET_VCPU_MMAP_SIZE"})
+
+
+def moves_register_state(name: str) -> bool:
+    """Is this ioctl a transfer of vCPU register state (what the cache saves)?"""
+    return name.startswith(("KVM_GET_", "KVM_SET_")) and name not in _NOT_REGISTER_STATE
+

@@ -15,7 +15,7 @@ import os
 from collections import Counter
 from typing import Any
 
-from .ioctls import Ioctl
+from .ioctls import Ioctl, moves_register_state
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl = _libc.ioctl
@@ -44,6 +44,10 @@ class KvmUnavailable(RuntimeError):
 
 class Counters(Counter[str]):
     """ioctl name -> calls. One per handle; Counter arithmetic sums them."""
+
+    def register_ioctls(self) -> int:
+        """Calls that moved vCPU register state (not runs, setup or VM-wide state)."""
+        return sum(n for name, n in self.items() if moves_register_state(name))
 
 
 def ioctl(fd: int, obj: str, op: Ioctl, arg: Any, counters: Counters) -> int:
