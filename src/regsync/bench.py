@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from .devices.basic import HYPERCALL_PORT
 from .kvm import Counters
 from .kvm import structs as ks
 from .machine import Machine
@@ -34,9 +35,7 @@ from .vcpu import LEVELS
 
 WORKLOADS = ("pio", "hypercall", "debugger", "monitor")
 STRATEGIES = ("raw", "eager", "qemu", "regsync-nosync", "regsync")
-HYPERCALL, TICK = 0x500, 0x501
 _FXSAVE_HEAD = struct.Struct("<HHBBHQQI")   # fcw fsw ftw pad fop fip fdp mxcsr
-RUNTIME_NAMES: list[str] = []
 
 
 @dataclass
@@ -76,7 +75,7 @@ def _loop(workload: str, strategy: str, m: Machine, n: int) -> None:
     elif workload == "hypercall":
         for _ in range(n):
             ex = run()
-            if ex.port == HYPERCALL:  # type: ignore[union-attr]
+            if ex.port == HYPERCALL_PORT:  # type: ignore[union-attr]
                 regs.rax = regs.rdi + regs.rsi
     elif workload == "debugger":
         runtime = LEVELS["RUNTIME"]
@@ -105,7 +104,7 @@ def _raw_loop(workload: str, v, n: int) -> None:  # type: ignore[no-untyped-def]
     elif workload == "hypercall":
         for _ in range(n):
             hrun()
-            if page.exit_reason == 2 and page.io.port == HYPERCALL:
+            if page.exit_reason == 2 and page.io.port == HYPERCALL_PORT:
                 r.rax = r.rdi + r.rsi
                 page.kvm_dirty_regs = 1
     elif workload == "debugger":
@@ -156,11 +155,6 @@ def _once(workload: str, strategy: str, n: int) -> tuple[float, float, float, fl
         after = v.handle.counters
         delta = Counters({k: after[k] - before.get(k, 0) for k in after})
         return n / dt, sum(delta.values()) / n, delta.register_ioctls() / n, dt
-
-
-def measure(workload: str, strategy: str, n: int, repeat: int) -> Cell:
-    runs = [_once(workload, strategy, n) for _ in range(repeat)]
-    return _cell(workload, strategy, n, runs)
 
 
 def _cell(workload: str, strategy: str, n: int,

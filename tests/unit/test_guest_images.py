@@ -118,3 +118,23 @@ def test_build_is_reproducible():
     differ = build.check()
     assert differ == [], (f"shipped guest files differ from a fresh build: {differ}; "
                           "run python -m regsync.guests.build")
+
+
+def test_guest_port_and_hypercall_numbers_are_the_devices() -> None:
+    """common.inc spells the device contract in assembler; it must agree with the
+    one Python definition (regsync.devices.basic) and the boot-info magic."""
+    import re
+
+    from regsync.arch.x86_64 import boot
+    from regsync.devices import basic
+    from regsync.guests import SRC_DIR
+
+    sets = {m.group(1): int(m.group(2), 0) for m in re.finditer(
+        r"^\s*\.set\s+(\w+),\s*(0x[0-9a-fA-F]+|\d+)", (SRC_DIR / "common.inc").read_text(), re.M)}
+    assert sets["COM1"] == basic.SERIAL_PORT
+    assert sets["PORT_EXIT"] == basic.DEBUG_EXIT_PORT
+    assert sets["PORT_HCALL"] == basic.HYPERCALL_PORT
+    assert sets["PORT_TICK"] == basic.TICK_PORT
+    for name in ("HC_ADD", "HC_WATCHDOG_ARM", "HC_WATCHDOG_PET", "HC_WATCHDOG_DISARM", "HC_REPORT"):
+        assert sets[name] == getattr(basic, name), name
+    assert sets["BOOTINFO_MAGIC"] == boot.BOOT_INFO_MAGIC

@@ -48,13 +48,8 @@ EXIT_AP_TIMEOUT = 3
 EXIT_UNEXPECTED_IRQ = 0x7E
 EXIT_EXCEPTION = 0x7F
 
-# Ports and hypercall numbers.
-PORT_SERIAL = 0x3F8
-PORT_SERIAL_LSR = 0x3FD
-PORT_EXIT = 0xF4
-PORT_HYPERCALL = 0x500
-PORT_TICK = 0x501
-HC_ADD, HC_WATCHDOG_ARM, HC_WATCHDOG_PET, HC_WATCHDOG_DISARM, HC_REPORT = 1, 2, 3, 4, 5
+# The ports and hypercall numbers the guests use are the devices' own:
+# regsync.devices.basic (SERIAL_PORT, DEBUG_EXIT_PORT, HYPERCALL_PORT, TICK_PORT, HC_*).
 
 _DIR = Path(__file__).resolve().parent
 SRC_DIR = _DIR / "src"
