@@ -121,8 +121,11 @@ class RegisterCache:
         self.exits = 0                     # KVM_RUN returns seen (stats.exits)
         # Strategies that override write() opt out of regfile's inlined write.
         self.plain_writes = type(self).write is RegisterCache.write
+        # Catalog registers plus any added by index (MSRs), per group.
+        self.registers_by_group: dict[str, list[Register]] = {g.name: [] for g in self.groups}
         for reg in self.catalog.registers:
             self._get[reg], self._set[reg] = transport.accessors(reg)
+            self.registers_by_group[reg.group].append(reg)
 
     @property
     def stats(self) -> CacheStats:
@@ -141,6 +144,7 @@ class RegisterCache:
     def add_register(self, reg: Register) -> None:
         """A register outside the catalog (an MSR by index): next read fetches it."""
         self._get[reg], self._set[reg] = self.transport.accessors(reg)
+        self.registers_by_group[reg.group].append(reg)
         self.transport.add_register(reg)
         self.held &= ~self.catalog.group_by_name[reg.group].bit
 
@@ -340,20 +344,3 @@ class RegisterCache:
     def dirty_registers(self) -> list[str]:
         return [r.name for d in self.dirty.values() for r in d]
 
-
-def write_whole_groups(cache: RegisterCache, mask: int) -> None:
-    """Mark every register of the groups in mask dirty with its local value, then flush.
-
-    This is how the comparison strategies write back whole structs (stale
-    volatile fields included); regsync itself never calls it.
-    """
-    for g in cache.catalog.groups_in(mask):
-        local = cache.locals[g.name]
-        regs = [r for r in cache._get if r.group == g.name]
-        for r in regs:
-            try:
-                cache.dirty[g.name][r] = cache._get[r](local)
-            except KeyError:        # an MSR the host does not have
-                continue
-        cache.dirty_mask |= g.bit
-    cache.flush(mask, allow_defer=False)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..cache import RegisterCache, write_whole_groups
+from ..cache import RegisterCache
+from .writeback import write_whole_groups
 from ..regdefs import Register
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..cache import RegisterCache, write_whole_groups
+from ..cache import RegisterCache
+from .writeback import write_whole_groups
 from ..regdefs import Register
 
 # What QEMU's kvm_arch_put_registers(KVM_PUT_RUNTIME_STATE) writes on x86:
