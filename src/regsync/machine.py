@@ -16,7 +16,6 @@ from pathlib import Path
 from .arch.x86_64 import boot
 from .guests import GUESTS, load_image, parse_header
 from .kvm import System
-from .kvm import structs as ks
 from .memory import GuestMemory, GuestMemoryError, elf_segments, load_segments
 from .vcpu import LEVELS, Vcpu
 from .vmm import VmmMixin
@@ -127,12 +126,8 @@ class Machine(VmmMixin):
         return vcpu
 
     def _cpuid_for(self, vid: int) -> object:
-        src = self._cpuid
-        buf = ks.cpuid_buffer(src.nent)
-        for i in range(src.nent):
-            e = buf.entries[i]
-            ks.ctypes.memmove(ks.ctypes.addressof(e), ks.ctypes.addressof(src.entries[i]),
-                              ks.ctypes.sizeof(e))
+        buf = type(self._cpuid).from_buffer_copy(self._cpuid)
+        for e in buf.entries[:buf.nent]:
             if e.function == 1:                       # initial APIC id
                 e.ebx = (e.ebx & 0x00FFFFFF) | (vid << 24)
             elif e.function in (0xB, 0x1F):           # x2APIC id

@@ -118,24 +118,25 @@ class kvm_msr_list(KvmStruct):
 
 
 @functools.lru_cache(maxsize=64)
-def _msrs_type(n: int) -> type:
-    # A ctypes class costs ~20 µs to create: one per entry count, reused.
-    class _Msrs(KvmStruct):
-        _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32), ("entries", kvm_msr_entry * n)]
-    return _Msrs
+def _flex(header: tuple[tuple[str, Any], ...], array: str, entry: Any, n: int) -> type:
+    """A struct header followed by n entries (C's flexible array member). A ctypes
+    class costs ~20 µs to build, so one per (shape, length) is made and reused."""
+    return type(f"flex_{array}_{n}", (KvmStruct,), {"_fields_": [*header, (array, entry * n)]})
+
+
+_MSRS_HEADER = (("nmsrs", c_uint32), ("pad", c_uint32))
 
 
 def msrs_buffer(n: int) -> Any:
     """A kvm_msrs followed by n entries, as one ctypes object."""
-    buf = _msrs_type(n)()
+    buf = _flex(_MSRS_HEADER, "entries", kvm_msr_entry, n)()
     buf.nmsrs = n
     return buf
 
 
 def msr_list_buffer(n: int) -> Any:
-    class _List(KvmStruct):
-        _fields_ = [("nmsrs", c_uint32), ("indices", c_uint32 * n)]
-    buf = _List()
+    """A kvm_msr_list with room for n indices."""
+    buf = _flex((("nmsrs", c_uint32),), "indices", c_uint32, n)()
     buf.nmsrs = n
     return buf
 
@@ -216,9 +217,8 @@ class kvm_cpuid2(KvmStruct):
 
 
 def cpuid_buffer(n: int) -> Any:
-    class _Cpuid(KvmStruct):
-        _fields_ = [("nent", c_uint32), ("padding", c_uint32), ("entries", kvm_cpuid_entry2 * n)]
-    buf = _Cpuid()
+    """A kvm_cpuid2 followed by n entries."""
+    buf = _flex((("nent", c_uint32), ("padding", c_uint32)), "entries", kvm_cpuid_entry2, n)()
     buf.nent = n
     return buf
 
