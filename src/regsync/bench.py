@@ -219,7 +219,7 @@ def syscall_costs(n: int = 20000) -> dict[str, float]:
 def run_on_cpu_latency(kicks: int = 1000) -> dict[str, float]:
     """run_on_cpu on a vCPU spinning in the guest (no exits of its own): µs per call."""
     from .guests import symbols
-    with Machine(smp=2, serial_out=open(os.devnull, "w")) as m:
+    with open(os.devnull, "w") as sink, Machine(smp=2, serial_out=sink) as m:
         m.load("spin")
         m.start()
         time.sleep(0.2)
@@ -243,7 +243,7 @@ def demo_wall_times(cpus: tuple[int, ...] = (1, 2, 4), repeat: int = 5) -> dict[
         times = []
         for _ in range(repeat):
             t0 = time.perf_counter()
-            with Machine(smp=n, serial_out=open(os.devnull, "w")) as m:
+            with open(os.devnull, "w") as sink, Machine(smp=n, serial_out=sink) as m:
                 m.load("smp")
                 m.start()
                 if m.wait(60) != 0:
