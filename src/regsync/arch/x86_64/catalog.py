@@ -27,6 +27,8 @@ Field locators:
 
 from __future__ import annotations
 
+import functools
+
 from ...regdefs import Alias, Catalog, Group, Register
 
 # Packed segment attributes, the VMX access-rights layout:
@@ -171,4 +173,13 @@ def _build() -> Catalog:
 
 
 CATALOG = _build()
-MSR_BY_INDEX = {int(r.field[4:], 16): r for r in CATALOG.registers if r.field.startswith("msr:")}
+@functools.lru_cache(maxsize=None)
+def msr_index(reg: Register) -> int:
+    """The MSR number of an ``msr:<index>`` register (parsed once per register)."""
+    kind, _, index = reg.field.partition(":")
+    if kind != "msr":
+        raise ValueError(f"{reg.name} is not an MSR (field {reg.field!r})")
+    return int(index, 16)
+
+
+MSR_BY_INDEX = {msr_index(r): r for r in CATALOG.registers if r.field.startswith("msr:")}

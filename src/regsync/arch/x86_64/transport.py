@@ -8,14 +8,14 @@ groups back in FLUSH_ORDER with as few transfers as KVM allows.
 
 from __future__ import annotations
 
+import functools
 import operator
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from ...kvm import KvmError, Vcpu
 from ...kvm import structs as s
 from ...regdefs import Catalog, FlushError, Group, Register
-from .catalog import CATALOG, SEG_ATTR_FIELDS
+from .catalog import CATALOG, SEG_ATTR_FIELDS, msr_index
 
 Getter = Callable[[Any], int]
 Setter = Callable[[Any, int], None]
@@ -137,8 +137,9 @@ def _attr_set(path: str) -> Setter:
     return set_
 
 
+@functools.lru_cache(maxsize=None)
 def accessors(reg: Register) -> tuple[Getter, Setter]:
-    """(get, set) on the group's local copy for one catalog register."""
+    """(get, set) on the group's local copy for one catalog register (built once)."""
     kind, _, rest = reg.field.partition(":")
     if not rest:                                   # plain struct field: rax, cr0, dr7, mp_state
         return operator.attrgetter(kind), _attr_set(kind)
@@ -176,12 +177,6 @@ def accessors(reg: Register) -> tuple[Getter, Setter]:
     raise ValueError(f"{reg.name}: unknown field locator {reg.field!r}")
 
 
-@dataclass
-class MsrBatch:
-    """The MSR indices one MSR group fetches (catalog ∩ what KVM saves, plus extras)."""
-    indices: list[int]
-
-
 class KvmTransport:
     """Group transfers for one vCPU. ``use_sync_regs`` picks the kvm_run path."""
 
@@ -211,9 +206,10 @@ class KvmTransport:
         self._locals |= {"XSAVE": bytearray(vcpu.xsave2_size or 4096), "XCRS": s.kvm_xcrs(),
                          "DEBUGREGS": s.kvm_debugregs(), "LAPIC": bytearray(s.KVM_APIC_REG_SIZE),
                          "MP_STATE": s.kvm_mp_state(), "MSRS": {}, "MSRS_TIME": {}}
-        self.msr_batches = {
-            name: MsrBatch([int(r.field[4:], 16) for r in self.catalog.registers_of(name)
-                            if int(r.field[4:], 16) in supported_msrs])
+        # The MSRs each MSR group fetches: the catalog's that KVM saves, plus extras.
+        self.msr_batches: dict[str, list[int]] = {
+            name: [msr_index(r) for r in self.catalog.registers_of(name)
+                   if msr_index(r) in supported_msrs]
             for name in ("MSRS", "MSRS_TIME")}
         # One transfer each way per whole-struct group (MP_STATE and MSRs are special).
         self._struct_get: dict[str, Callable[[Any], Any]] = {
@@ -241,9 +237,9 @@ class KvmTransport:
 
     def add_register(self, reg: Register) -> None:
         """Let the MSRS batch carry an MSR the catalog does not name."""
-        index = int(reg.field[4:], 16)
-        if index not in self.msr_batches[reg.group].indices:
-            self.msr_batches[reg.group].indices.append(index)
+        index = msr_index(reg)
+        if index not in self.msr_batches[reg.group]:
+            self.msr_batches[reg.group].append(index)
 
     # --- fetch -----------------------------------------------------------------------
     def fetch(self, group: Group) -> None:
@@ -256,7 +252,7 @@ class KvmTransport:
         elif name == "MP_STATE":
             local.mp_state = v.get_mp_state()
         elif name in self.msr_batches:
-            idx = self.msr_batches[name].indices
+            idx = self.msr_batches[name]
             local.clear()
             local.update(zip(idx, v.get_msrs(idx)) if idx else ())
         else:  # pragma: no cover - catalog and transport out of step
@@ -286,7 +282,7 @@ class KvmTransport:
             try:
                 if name in ("MSRS", "MSRS_TIME"):
                     # Coalesced: one KVM_SET_MSRS after both groups are gathered.
-                    msr_items += [(int(r.field[4:], 16), val) for r, val in regs.items()]
+                    msr_items += [(msr_index(r), val) for r, val in regs.items()]
                     msr_groups.append(name)
                     nxt = names[i + 1] if i + 1 < len(names) else None
                     if nxt in ("MSRS", "MSRS_TIME"):
