@@ -64,7 +64,7 @@ def _probe_source() -> tuple[str, list[tuple[str, int]]]:
         expected.append((key, num))
     for name in dir(s):
         if name.startswith(("KVM_EXIT_", "KVM_SYNC_X86_", "KVM_GUESTDBG_", "KVM_VCPUEVENT_VALID",
-                            "KVM_MP_STATE_")):
+                            "KVM_MP_STATE_", "KVM_SYSTEM_EVENT_")):
             key = f"const {name}"
             lines.append(f'printf("{key} %lu\\n", (unsigned long){name});')
             expected.append((key, getattr(s, name)))

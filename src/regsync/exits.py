@@ -138,6 +138,10 @@ class SystemEventExit(Exit):
     def __init__(self, type_: int, data: tuple[int, ...]) -> None:
         self.type, self.data = type_, data
 
+    @property
+    def description(self) -> str:
+        return self.TYPES.get(self.type, f"type {self.type}")
+
 
 class UnsupportedExit(Exit):
     __slots__ = ("reason",)

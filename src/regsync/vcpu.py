@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from . import exits
 from .arch.x86_64 import CATALOG, KvmTransport, Registers
@@ -19,9 +19,6 @@ from .kvm import KvmError
 from .kvm import Vcpu as VcpuHandle
 from .kvm import structs as ks
 from .strategies import make_cache
-
-if TYPE_CHECKING:
-    from .cache import CacheStats
 
 LEVELS = CATALOG.levels
 _IO_DIRECTION = ks.kvm_run.io.offset
@@ -167,10 +164,6 @@ class Vcpu:
     def stats(self) -> dict[str, Any]:
         """ioctl counts by name plus what the cache did and avoided."""
         return {"ioctls": dict(self.handle.counters), **self.cache.stats.as_dict()}
-
-    @property
-    def cache_stats(self) -> "CacheStats":
-        return self.cache.stats
 
     def close(self) -> None:
         """Close the vCPU. Cached values stay readable; anything needing KVM raises."""

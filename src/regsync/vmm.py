@@ -31,6 +31,7 @@ from .devices import PortBus
 from .devices.basic import (DEBUG_EXIT_PORT, HYPERCALL_PORT, SERIAL_PORT, TICK_PORT, DebugExit,
                             Hypercalls, Serial, Tick)
 from .devices.watchdog import Watchdog
+from .kvm import structs as ks
 from .vcpu import Vcpu
 
 T = TypeVar("T")
@@ -245,7 +246,7 @@ class VmmMixin:
             if len(self.halted) == len(self.vcpus):
                 self._finish(0)
         elif isinstance(ex, exits.SystemEventExit):
-            if ex.type == 2:
+            if ex.type == ks.KVM_SYSTEM_EVENT_RESET:
                 threading.Thread(target=self.reset, name="reset", daemon=True).start()
             else:
                 self._finish(0)

@@ -21,10 +21,6 @@ class PortDevice(Protocol):
     def io_in(self, vcpu: VcpuPort, port: int, size: int) -> int: ...
 
 
-class UnhandledPort(Exception):
-    """Port I/O nobody claimed; the dispatcher decides whether it is fatal."""
-
-
 class PortBus:
     """Maps port ranges to devices and answers I/O exits."""
 

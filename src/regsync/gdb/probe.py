@@ -41,11 +41,6 @@ class DebugCaps:
     watch_detail: str
     blockirq: bool = False
 
-    @classmethod
-    def assumed(cls) -> "DebugCaps":
-        """No probe: hardware breakpoints only (safe everywhere)."""
-        return cls(False, "not probed", True, "not probed", False, "not probed")
-
 
 _WATCH_GPA = 0x200000
 _PROBE_EXIT = b"\xb0\x00\xe6\xf4\xf4"               # mov al,0; out 0xf4,al; hlt

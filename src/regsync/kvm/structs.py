@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from ctypes import (
-    Structure, Union, c_char, c_int32, c_uint8, c_uint16, c_uint32, c_uint64,
+    Structure, Union, c_char, c_uint8, c_uint16, c_uint32, c_uint64,
 )
 from typing import Any
 
@@ -349,6 +349,10 @@ KVM_EXIT_SYSTEM_EVENT = 24
 KVM_EXIT_X86_RDMSR = 29
 KVM_EXIT_X86_WRMSR = 30
 
+KVM_SYSTEM_EVENT_SHUTDOWN = 1
+KVM_SYSTEM_EVENT_RESET = 2
+KVM_SYSTEM_EVENT_CRASH = 3
+
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
 
@@ -411,4 +415,4 @@ LAYOUT_RUN_PAYLOAD: tuple[str, ...] = (
 
 __all__ = [n for n in dir() if n.startswith(("kvm_", "KVM_"))] + [
     "KvmStruct", "msrs_buffer", "msr_list_buffer", "cpuid_buffer", "LAYOUT_CHECKED",
-    "LAYOUT_RUN_PAYLOAD", "c_int32"]
+    "LAYOUT_RUN_PAYLOAD"]
