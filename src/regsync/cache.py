@@ -116,7 +116,9 @@ class RegisterCache:
         # Groups handed to KVM through kvm_dirty_regs, applied by the next KVM_RUN.
         # Their dirty dicts are kept until then (a refused run must not lose them).
         self.in_flight = 0
-        self._name_of_bit = {g.bit: g.name for g in self.groups}
+        # The dirty dicts keep their identity (cleared, never replaced), so they can
+        # also be reached by group bit on the hot path.
+        self._dirty_of_bit = {g.bit: self.dirty[g.name] for g in self.groups}
         self._deferred_tally: dict[int, int] = {}
         self.exits = 0                     # KVM_RUN returns seen (stats.exits)
         # Strategies that override write() opt out of regfile's inlined write.
@@ -255,7 +257,7 @@ class RegisterCache:
         bit = self.catalog.group_by_name[name].bit
         if self.dirty[name]:
             self.stats.writes[name] += 1
-        self.dirty[name] = {}
+        self.dirty[name].clear()
         self.dirty_mask &= ~bit
 
     def _undefer(self, ioctl: bool) -> None:
@@ -301,10 +303,14 @@ class RegisterCache:
             # (Tallied by mask here, per group in stats: a dict op per exit, not three.)
             tally = self._deferred_tally
             tally[done] = tally.get(done, 0) + 1
-            while done:
-                bit = done & -done
-                done ^= bit
-                self.dirty[self._name_of_bit[bit]].clear()
+            one = self._dirty_of_bit.get(done)      # the usual case: one group (REGS)
+            if one is not None:
+                one.clear()
+            else:
+                while done:
+                    bit = done & -done
+                    done ^= bit
+                    self._dirty_of_bit[bit].clear()
         self.in_flight = 0
         if self.dirty_mask & self.held:
             # KVM rewrote the kvm_run page under edits made before a run that did
@@ -333,7 +339,7 @@ class RegisterCache:
         self.take_back_deferred()
         for g in self.groups:
             if g.bit & mask & self.dirty_mask:
-                self.dirty[g.name] = {}
+                self.dirty[g.name].clear()
                 self.dirty_mask &= ~g.bit
                 self.held &= ~g.bit   # the local copy still carries the edits
 

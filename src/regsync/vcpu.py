@@ -23,6 +23,7 @@ from .strategies import make_cache
 LEVELS = CATALOG.levels
 _IO_DIRECTION = ks.kvm_run.io.offset
 _MMIO_IS_WRITE = ks.kvm_run.mmio.offset + ks._exit_mmio.is_write.offset
+_DIRTY_REGS_AT = ks.kvm_run.kvm_dirty_regs.offset   # its flags all live in the low byte
 
 
 def to_mask(what: int | str | Iterable[str]) -> int:
@@ -91,7 +92,7 @@ class Vcpu:
             raise
         # A queued bit KVM did not clear was not applied (see cache.after_run).
         cache.after_run(self.transport.unconsumed(cache.in_flight)
-                        if self._run_page.kvm_dirty_regs else 0)
+                        if self._run_view[_DIRTY_REGS_AT] else 0)
         if rc < 0:
             self._run_page.immediate_exit = 0
             ex: exits.AnyExit = exits.INTERRUPTED

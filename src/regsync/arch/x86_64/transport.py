@@ -8,6 +8,7 @@ groups back in FLUSH_ORDER with as few transfers as KVM allows.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import operator
 from typing import Any, Callable
@@ -51,6 +52,8 @@ _SYNC_FLAG = {"REGS": s.KVM_SYNC_X86_REGS, "SREGS": s.KVM_SYNC_X86_SREGS,
 _EVENT_VALID_FLAG = {"nmi.pending": s.KVM_VCPUEVENT_VALID_NMI_PENDING,
                      "sipi_vector": s.KVM_VCPUEVENT_VALID_SIPI_VECTOR,
                      "interrupt.shadow": s.KVM_VCPUEVENT_VALID_SHADOW}
+_DIRTY_REGS_AT = s.kvm_run.kvm_dirty_regs.offset
+assert max(_SYNC_FLAG.values()) < 0x100
 XSTATE_BV_OFFSET = 512   # XSAVE header: which components the area holds
 XSTATE_X87_SSE = 0b11
 
@@ -220,6 +223,8 @@ class KvmTransport:
             "REGS": vcpu.set_regs, "SREGS": vcpu.set_sregs, "EVENTS": vcpu.set_vcpu_events,
             "XSAVE": vcpu.set_xsave, "XCRS": vcpu.set_xcrs, "DEBUGREGS": vcpu.set_debugregs}
         self.deferred = 0  # group bits written through kvm_dirty_regs, applied by the next KVM_RUN
+        self._page = memoryview((ctypes.c_uint8 * ctypes.sizeof(s.kvm_run)).from_address(
+            ctypes.addressof(self.run))).cast("B")
         # REGS and SREGS need nothing but their kvm_dirty_regs bit once held (EVENTS
         # needs its valid-flags computed): the cache's no-syscall fast path.
         self.fast_defer_mask = (g["REGS"].bit | g["SREGS"].bit) if use_sync_regs else 0
@@ -345,7 +350,9 @@ class KvmTransport:
 
     def defer(self, mask: int) -> None:
         """Queue held sync groups (values already in the kvm_run page) for the next run."""
-        self.run.kvm_dirty_regs |= self._flags_for[mask]
+        # The flags fit in kvm_dirty_regs' low byte: one byte of the page, not a
+        # ctypes read-modify-write of the u64 field (this runs at every GPR edit).
+        self._page[_DIRTY_REGS_AT] |= self._flags_for[mask]
         self.deferred |= mask
 
     def unconsumed(self, mask: int) -> int:
