@@ -16,7 +16,8 @@ Field locators:
     segattr:<s>         packed segment attributes (SEG_ATTR layout below)
     dt:<t>:<f>          kvm_sregs descriptor table          (dt:gdt:limit)
     ev:<path>           kvm_vcpu_events field               (ev:nmi.pending)
-    xsave:<off>         byte offset in the XSAVE legacy area (fxsave layout)
+    xsave:<off>         byte offset in the XSAVE area, standard format (legacy fxsave
+                        layout, then XSAVE_COMPONENTS)
     xcr:<n>             XCR n in kvm_xcrs
     db:<n>, dr6, dr7    kvm_debugregs
     lapic:<off>         32-bit LAPIC register at <off> (256-bit when width is 256:
@@ -110,6 +111,27 @@ def _events() -> list[Register]:
     return [Register(n, w, "EVENTS", f"ev:{n}", volatile=v) for n, w, v in spec]
 
 
+# XSAVE state components beyond x87/SSE: name -> (XSTATE_BV bit, byte offset, size) in the
+# standard format. KVM_GET_XSAVE2 fills the buffer in that format (api.rst, "4.42
+# KVM_GET_XSAVE2"; arch/x86/kernel/fpu/xstate.c copy_xstate_to_uabi_buf uses the
+# non-compacted offsets); the offsets are CPUID.(EAX=0DH, ECX=bit):EBX and the sizes EAX.
+XSAVE_COMPONENTS: dict[str, tuple[int, int, int]] = {
+    "AVX": (2, 576, 256), "OPMASK": (5, 1088, 64), "ZMM_HI256": (6, 1152, 512),
+    "HI16_ZMM": (7, 1664, 1024)}
+
+
+def _xoff(component: str) -> int:
+    return XSAVE_COMPONENTS[component][1]
+
+
+def xsave_component_bit(offset: int) -> int:
+    """The XSTATE_BV bit of the component holding byte ``offset`` (0/1: legacy area)."""
+    for bit, start, size in XSAVE_COMPONENTS.values():
+        if start <= offset < start + size:
+            return bit
+    return 1 if offset >= 160 or 24 <= offset < 32 else 0   # xmm/mxcsr: SSE, else x87
+
+
 def _xsave() -> list[Register]:
     out = [Register("fcw", 16, "XSAVE", "xsave:0"), Register("fsw", 16, "XSAVE", "xsave:2"),
            Register("ftw", 8, "XSAVE", "xsave:4", doc="abridged (FXSAVE) tag byte"),
@@ -117,6 +139,17 @@ def _xsave() -> list[Register]:
            Register("fdp", 64, "XSAVE", "xsave:16"), Register("mxcsr", 32, "XSAVE", "xsave:24")]
     out += [Register(f"st{i}", 80, "XSAVE", f"xsave:{32 + 16 * i}") for i in range(8)]
     out += [Register(f"xmm{i}", 128, "XSAVE", f"xsave:{160 + 16 * i}") for i in range(16)]
+    # Components past the legacy area, at their offsets in the standard (non-compacted)
+    # format KVM_GET_XSAVE2 returns (XSAVE_COMPONENTS). Present on a vCPU only where its
+    # CPUID leaf 0xD lists the component (the gdb stub checks); elsewhere they read 0.
+    out += [Register(f"ymm{i}h", 128, "XSAVE", f"xsave:{_xoff('AVX') + 16 * i}",
+                     doc="bits 255:128 of ymm; 127:0 are xmm") for i in range(16)]
+    out += [Register(f"k{i}", 64, "XSAVE", f"xsave:{_xoff('OPMASK') + 8 * i}")
+            for i in range(8)]
+    out += [Register(f"zmm{i}h", 256, "XSAVE", f"xsave:{_xoff('ZMM_HI256') + 32 * i}",
+                     doc="bits 511:256 of zmm") for i in range(16)]
+    out += [Register(f"zmm{i}", 512, "XSAVE", f"xsave:{_xoff('HI16_ZMM') + 64 * (i - 16)}",
+                     doc="whole register; xmm/ymm 16-31 are its low bits") for i in range(16, 32)]
     return out
 
 

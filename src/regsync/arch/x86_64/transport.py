@@ -16,7 +16,7 @@ from typing import Any, Callable
 from ...kvm import KvmError, Vcpu
 from ...kvm import structs as s
 from ...regdefs import Catalog, FlushError, Group, Register
-from .catalog import CATALOG, SEG_ATTR_FIELDS, msr_index
+from .catalog import CATALOG, SEG_ATTR_FIELDS, msr_index, xsave_component_bit
 
 Getter = Callable[[Any], int]
 Setter = Callable[[Any, int], None]
@@ -312,9 +312,13 @@ class KvmTransport:
                     if name == "EVENTS":
                         local.flags = sum(_EVENT_VALID_FLAG.get(r.name, 0) for r in regs)
                     if name == "XSAVE":
+                        # A component whose XSTATE_BV bit is clear is loaded in its init
+                        # state: mark every component an edited register lives in.
                         bv = int.from_bytes(local[XSTATE_BV_OFFSET:XSTATE_BV_OFFSET + 8], "little")
-                        local[XSTATE_BV_OFFSET:XSTATE_BV_OFFSET + 8] = \
-                            (bv | XSTATE_X87_SSE).to_bytes(8, "little")
+                        bv |= XSTATE_X87_SSE
+                        for r in regs:
+                            bv |= 1 << xsave_component_bit(int(r.field[6:]))
+                        local[XSTATE_BV_OFFSET:XSTATE_BV_OFFSET + 8] = bv.to_bytes(8, "little")
                     if name in _SYNC_FLAG and i > last_ioctl:
                         self.run.kvm_dirty_regs |= _SYNC_FLAG[name]
                         self.deferred |= group.bit
