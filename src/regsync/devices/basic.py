@@ -1,4 +1,4 @@
-"""The small devices the bundled guests use: serial, debug exit, hypercalls, tick."""
+"""The small devices the bundled guests use: serial (a 16550A), debug exit, hypercalls, tick."""
 
 from __future__ import annotations
 
@@ -15,37 +15,170 @@ TICK_PORT = 0x501
 
 HC_ADD, HC_WATCHDOG_ARM, HC_WATCHDOG_PET, HC_WATCHDOG_DISARM, HC_REPORT = 1, 2, 3, 4, 5
 
-LSR_THRE_TEMT = 0x60   # transmitter empty: the guest may always write
+# 16550A registers (offsets from the base port) and bits, as QEMU's hw/char/serial.c
+# names them. Output is instantaneous: the transmitter is always empty again after a write.
+RBR_THR_DLL, IER_DLM, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
+LCR_DLAB = 0x80
+IER_RDI, IER_THRI, IER_RLSI, IER_MSI = 0x01, 0x02, 0x04, 0x08
+IIR_NO_INT, IIR_THRI, IIR_RDI, IIR_RLSI, IIR_FIFO = 0x01, 0x02, 0x04, 0x06, 0xC0
+FCR_FE, FCR_RFR = 0x01, 0x02
+LSR_DR, LSR_OE, LSR_THRE, LSR_TEMT = 0x01, 0x02, 0x20, 0x40
+LSR_THRE_TEMT = LSR_THRE | LSR_TEMT
+MCR_OUT2, MCR_LOOP = 0x08, 0x10
+MSR_CTS_DSR_DCD = 0xB0
+RX_FIFO = 16
 
 
 class Serial:
-    """16550-like UART at 0x3f8..0x3ff: output only (THR), status always ready."""
+    """A 16550A UART at 0x3f8..0x3ff, modelled on QEMU's hw/char/serial.c
+    (serial_ioport_write/read, serial_update_irq, serial_reset).
+
+    Enough for polling and interrupt-driven drivers: the divisor latch behind
+    LCR.DLAB (never transmitted), IER/IIR with the THR-empty and receive
+    interrupts on ``irq`` (a callable taking the line level; COM1 is ISA IRQ 4),
+    LSR, MSR, the scratch register and loopback (MCR bit 4: what is written is
+    received, not transmitted). There is no input from the host.
+    """
     name = "serial"
+    IRQ = 4
 
     def __init__(self, out: IO[str] | None = None) -> None:
         self.out = out if out is not None else sys.stdout
         self._buf = bytearray()
         self.lines: list[str] = []          # complete lines, for tests and the CLI
         self._lock = threading.Lock()
+        self.irq: Callable[[int], None] | None = None
+        self._level = 0
+        self.reset()
 
+    def reset(self) -> None:
+        """The state after a reset (QEMU serial_reset): 9600 baud, OUT2, transmitter empty."""
+        self.divisor = 0x0C
+        self.ier = self.lcr = self.fcr = self.scr = 0
+        self.mcr = MCR_OUT2
+        self.lsr = LSR_THRE_TEMT
+        self.iir = IIR_NO_INT
+        self.thr_ipending = False
+        self.rx: list[int] = []
+        self._set_irq(0)
+
+    # --- the interrupt line ---------------------------------------------------------
+    def _set_irq(self, level: int) -> None:
+        if level != self._level:
+            self._level = level
+            if self.irq is not None:
+                self.irq(level)
+
+    def _update_irq(self) -> None:
+        # Priority as in serial_update_irq: line status, received data, THR empty.
+        ident = IIR_NO_INT
+        if self.ier & IER_RLSI and self.lsr & LSR_OE:
+            ident = IIR_RLSI
+        elif self.ier & IER_RDI and self.lsr & LSR_DR:
+            ident = IIR_RDI
+        elif self.ier & IER_THRI and self.thr_ipending:
+            ident = IIR_THRI
+        self.iir = ident | (self.iir & 0xF0)
+        self._set_irq(0 if ident == IIR_NO_INT else 1)
+
+    # --- the port interface -----------------------------------------------------------
     def io_out(self, vcpu: VcpuPort, port: int, size: int, value: int) -> None:
-        if port != SERIAL_PORT:
-            return                           # IER/FCR/LCR/MCR writes: accepted, no effect
         with self._lock:
-            b = value & 0xFF
-            self._buf.append(b)
-            if b == 0x0A:
-                line = self._buf.decode("utf-8", "replace")
-                self._buf.clear()
-                self.lines.append(line.rstrip("\n"))
-                try:
-                    self.out.write(line)
-                    self.out.flush()
-                except (OSError, ValueError):
-                    pass          # a closed stdout (| head) must not stop the guest
+            self._write((port - SERIAL_PORT) & 7, value & 0xFF)
 
     def io_in(self, vcpu: VcpuPort, port: int, size: int) -> int:
-        return LSR_THRE_TEMT if port == SERIAL_PORT + 5 else 0
+        with self._lock:
+            return self._read((port - SERIAL_PORT) & 7)
+
+    def _write(self, reg: int, value: int) -> None:
+        dlab = self.lcr & LCR_DLAB
+        if reg == RBR_THR_DLL and dlab:
+            self.divisor = (self.divisor & 0xFF00) | value
+        elif reg == RBR_THR_DLL:
+            self._transmit(value)
+        elif reg == IER_DLM and dlab:
+            self.divisor = (self.divisor & 0x00FF) | (value << 8)
+        elif reg == IER_DLM:
+            self.ier = value & 0x0F
+            if self.lsr & LSR_THRE:
+                self.thr_ipending = True
+            self._update_irq()
+        elif reg == IIR_FCR:
+            if value & FCR_RFR or (value ^ self.fcr) & FCR_FE:
+                self.rx.clear()
+                self.lsr &= ~LSR_DR
+            self.iir = (self.iir & 0x0F) | (IIR_FIFO if value & FCR_FE else 0)
+            self.fcr = value & 0xC9
+            self._update_irq()
+        elif reg == LCR:
+            self.lcr = value
+        elif reg == MCR:
+            self.mcr = value & 0x1F
+        elif reg == SCR:
+            self.scr = value
+        # LSR and MSR writes are ignored, as on the chip.
+
+    def _read(self, reg: int) -> int:
+        dlab = self.lcr & LCR_DLAB
+        if reg == RBR_THR_DLL and dlab:
+            return self.divisor & 0xFF
+        if reg == RBR_THR_DLL:
+            value = self.rx.pop(0) if self.rx else 0
+            if not self.rx:
+                self.lsr &= ~LSR_DR
+            self._update_irq()
+            return value
+        if reg == IER_DLM:
+            return (self.divisor >> 8) if dlab else self.ier
+        if reg == IIR_FCR:
+            value = self.iir
+            if value & 0x0F == IIR_THRI:          # reading IIR acknowledges THR empty
+                self.thr_ipending = False
+                self._update_irq()
+            return value
+        if reg == LCR:
+            return self.lcr
+        if reg == MCR:
+            return self.mcr
+        if reg == LSR:
+            value = self.lsr
+            if value & LSR_OE:
+                self.lsr &= ~LSR_OE
+                self._update_irq()
+            return value
+        if reg == MSR:
+            if self.mcr & MCR_LOOP:               # modem outputs wired to the inputs
+                return ((self.mcr & 0x0C) << 4) | ((self.mcr & 0x02) << 3) | ((self.mcr & 0x01) << 5)
+            return MSR_CTS_DSR_DCD
+        return self.scr
+
+    def _transmit(self, b: int) -> None:
+        # As in QEMU: the line drops while THR is full and rises again once the byte
+        # is sent, so an edge-triggered PIC sees one interrupt per byte.
+        self.thr_ipending = False
+        self._update_irq()
+        if self.mcr & MCR_LOOP:
+            if len(self.rx) < RX_FIFO:
+                self.rx.append(b)
+            else:
+                self.lsr |= LSR_OE
+            self.lsr |= LSR_DR
+        else:
+            self._emit(b)
+        self.thr_ipending = True                  # sent at once: THR is empty again
+        self._update_irq()
+
+    def _emit(self, b: int) -> None:
+        self._buf.append(b)
+        if b == 0x0A:
+            line = self._buf.decode("utf-8", "replace")
+            self._buf.clear()
+            self.lines.append(line.rstrip("\n"))
+            try:
+                self.out.write(line)
+                self.out.flush()
+            except (OSError, ValueError):
+                pass          # a closed stdout (| head) must not stop the guest
 
     @property
     def text(self) -> str:
