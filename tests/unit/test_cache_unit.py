@@ -348,15 +348,19 @@ def test_side_effect_fetch_after_a_deferred_flush_writes_gprs_once() -> None:
     assert v.kernel.sets == {"GPRS": 1}
 
 
-def test_invalidate_while_a_sync_write_is_deferred_loses_it() -> None:
+def test_invalidate_while_a_sync_write_is_deferred_keeps_it() -> None:
+    """invalidate() forgets what is held, never an edit: a GPRS write queued in the
+    run page still reaches the kernel (it was lost, r1 = 0x101, before the fix)."""
     v = SimVcpu(use_sync=True)
     v.regs.r1 = 5
     v.cache.flush()          # GPRS deferred into the run (r1 only in the run page)
     v.cache.invalidate()     # vcpu.invalidate(): "the kernel state changed"
+    assert v.regs.r3 == 0x103    # refetches GPRS: must not overwrite the queued r1
+    assert v.regs.r1 == 5
     v.regs.r4 = 9
     v.run()
     assert v.kernel.values["r4"] == 9
-    assert v.kernel.values["r1"] == 5       # was lost (0x101) before the fix
+    assert v.kernel.values["r1"] == 5
 
 
 def test_a_deferred_write_keeps_flush_order_across_flush_calls() -> None:
