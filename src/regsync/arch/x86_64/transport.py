@@ -313,11 +313,15 @@ class KvmTransport:
                         local.flags = sum(_EVENT_VALID_FLAG.get(r.name, 0) for r in regs)
                     if name == "XSAVE":
                         # A component whose XSTATE_BV bit is clear is loaded in its init
-                        # state: mark every component an edited register lives in.
+                        # state (all zeros past x87/SSE): mark a component when an edit
+                        # gives it a non-zero value. A zero needs no bit, so writing back
+                        # zeros (reset, restore) never names a component the vCPU lacks,
+                        # which KVM_SET_XSAVE refuses with EINVAL.
                         bv = int.from_bytes(local[XSTATE_BV_OFFSET:XSTATE_BV_OFFSET + 8], "little")
                         bv |= XSTATE_X87_SSE
-                        for r in regs:
-                            bv |= 1 << xsave_component_bit(int(r.field[6:]))
+                        for r, val in regs.items():
+                            if val:
+                                bv |= 1 << xsave_component_bit(int(r.field[6:]))
                         local[XSTATE_BV_OFFSET:XSTATE_BV_OFFSET + 8] = bv.to_bytes(8, "little")
                     if name in _SYNC_FLAG and i > last_ioctl:
                         self.run.kvm_dirty_regs |= _SYNC_FLAG[name]
