@@ -12,7 +12,8 @@ server-side timestamps) from ``monitor stats``.  QEMU's ioctls per step come
 from two runs under ``strace -f`` (N and 2N steps; the difference / N).
 
 QEMU runs with ``-enable-kvm`` when KVM works for it, else TCG (labelled).
-Writes a table to stdout and benchmarks/gdb_stepi.json.
+Writes a table to stdout and benchmarks/out/gdb_stepi.json (git-ignored; ``--out
+benchmarks/gdb_stepi.json`` updates the tracked copy).
 """
 
 from __future__ import annotations
@@ -210,13 +211,24 @@ def bench_qemu(steps: int, count_ioctls: bool = True) -> dict[str, Any]:
     return out
 
 
-def main() -> int:
+# Runs write here unless told otherwise (git-ignored): the tracked
+# benchmarks/gdb_stepi.json changes only when it is named with --out.
+DEFAULT_OUT = ROOT / "benchmarks" / "out" / "gdb_stepi.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--steps", type=int, default=500, help="stepi count per run (default 500)")
+    ap.add_argument("--no-qemu", action="store_true", help="measure regsync only")
     ap.add_argument("--repeat", type=int, default=3, help="runs per target (median reported)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gdb_stepi.json"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(DEFAULT_OUT),
+                    help=f"JSON output (default {DEFAULT_OUT.relative_to(ROOT)}, git-ignored; "
+                         "the tracked benchmarks/gdb_stepi.json only when named here)")
+    return ap
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     use_qemu = not args.no_qemu and shutil.which("qemu-system-x86_64") is not None
     runs: dict[str, list[dict[str, Any]]] = {}
     for i in range(args.repeat):             # interleaved, so host noise hits all alike
@@ -251,6 +263,7 @@ def main() -> int:
         elif "ioctls_by_name" in r:
             print(f"{r['target']}: ioctls per step by name: "
                   + ", ".join(f"{k}={v:.2f}" for k, v in r["ioctls_by_name"].items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"steps": args.steps, "host": platform.node(),
                                           "python": sys.version.split()[0],
                                           "results": rows}, indent=2) + "\n")

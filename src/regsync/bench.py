@@ -321,7 +321,12 @@ def table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
-def main(quick: bool = False, out: str = "benchmarks/results.json") -> int:
+# Runs write here unless told otherwise (git-ignored): the tracked
+# benchmarks/results.json changes only when it is named with --out.
+DEFAULT_OUT = "benchmarks/out/results.json"
+
+
+def main(quick: bool = False, out: str = DEFAULT_OUT) -> int:
     print(f"regsync benchmarks ({'quick' if quick else 'full'}) on {platform.node()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
     cells = run_all(quick)

@@ -1,8 +1,10 @@
-"""The ``regsync`` command: run | regs | info | list | gdb | bench.
+"""The ``regsync`` command: run | regs | info | list | bench.
 
 Errors are one line on stderr (``regsync: error: …``) and exit status 2, never
-a traceback. ``run`` exits with the guest's status (125 fatal exit, 124 watchdog,
-130 interrupted).
+a traceback. ``run`` exits with the guest's status; regsync's own statuses are
+:data:`EXIT_STATUSES` (the README's table). Output meant for programs (``--json``)
+is the only thing on stdout; the guest's serial output then goes to stderr or
+``--serial FILE``.
 """
 
 from __future__ import annotations
@@ -10,103 +12,200 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
+import signal
 import sys
 import time
-from typing import Any, NoReturn, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 from . import __version__
+from .bench import DEFAULT_OUT as DEFAULT_BENCH_OUT   # git-ignored; the tracked file needs --out
+from .gdb.adapter import KILL_STATUS
 from .guests import GUESTS
+from .vmm import EXIT_FATAL, EXIT_WATCHDOG
 
 DEMO_GUEST = "smp"
+REGS_TIMEOUT = 10.0              # seconds `regs` waits for exit N by default
+
+EXIT_BAD_INPUT = 2
+EXIT_BROKEN_PIPE = 141           # 128 + SIGPIPE: stdout's reader went away (`| head`)
+EXIT_INTERRUPTED = 130           # 128 + SIGINT
+
+
+#: Every status regsync itself returns (besides the guest's own 0-255), and why.
+#: The README's exit-status table lists each (a test checks).
+EXIT_STATUSES: dict[int, str] = {
+    0: "the guest wrote 0, or stopped without a status (every vCPU halted with no "
+       "in-kernel irqchip, a KVM shutdown event); or a command other than run succeeded",
+    1: "an internal error in regsync (a bug: the traceback is printed)",
+    EXIT_BAD_INPUT: "bad input: one `regsync: error:` line (arguments, image, KVM limits, "
+                    "`regs` not reaching exit N within --timeout)",
+    EXIT_WATCHDOG: "--timeout expired, or the guest watchdog expired (with --watchdog-action "
+                   "reset: after the third reset)",
+    EXIT_FATAL: "fatal exit: triple fault, emulation failure, a vCPU error (the exit and a "
+                "register dump are printed)",
+    EXIT_INTERRUPTED: "Ctrl-C (SIGINT)",
+    KILL_STATUS: "gdb's `kill` (128 + SIGKILL, as a shell reports it)",
+    EXIT_BROKEN_PIPE: "stdout was closed early (`regsync info | head -1`); nothing more printed",
+}
+
+
+class CliError(Exception):
+    """Bad input found after parsing: printed as one error line, exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"regsync: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _int(text: str) -> int:
+# --- argument types: each says what it wants ---------------------------------------------
+def _number(text: str) -> int:
     try:
         return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+def _positive(text: str) -> int:
+    value = _number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _u64(text: str) -> int:
+    value = _number(text)
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0..2**64-1 (an unsigned 64-bit value)")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _number(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1..65535)")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="regsync", description="Drive KVM vCPUs from Python with a lazy, "
                 "dirty-tracked register cache.")
-    p.add_argument("--version", action="version", version=f"regsync {__version__}")
+    p.add_argument("--version", action="version", version=f"regsync {__version__}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     r = sub.add_parser("run", help="run a bundled guest or an image (default: the SMP demo)")
     r.add_argument("guest", nargs="?", default=DEMO_GUEST,
-                   help="bundled guest name (see 'regsync list') or an image path")
+                   help="bundled guest name (see 'regsync list') or an image path: ELF64, "
+                        "multiboot (ELF32 or a.out kludge) or flat")
     r.add_argument("--smp", type=_positive, default=2, help="number of vCPUs (default 2)")
-    r.add_argument("--mem", type=_positive, default=64, metavar="MB", help="guest RAM in MiB")
-    r.add_argument("--arg", type=_int, default=0, help="guest argument (boot info), 0 = default")
-    r.add_argument("--gdb", type=_positive, metavar="PORT", help="serve gdb on 127.0.0.1:PORT")
+    r.add_argument("--mem", type=_positive, default=64, metavar="MB",
+                   help="guest RAM in MiB (default 64)")
+    r.add_argument("--arg", type=_u64, default=0, metavar="N",
+                   help="guest argument in the boot info (u64; 0 = the guest's default)")
+    r.add_argument("--gdb", type=_port, metavar="PORT", help="serve gdb on 127.0.0.1:PORT")
     r.add_argument("--wait", action="store_true", help="with --gdb: stop before the first "
                    "instruction until gdb continues")
-    r.add_argument("--stats", action="store_true", help="print what the register cache did")
-    r.add_argument("--json", action="store_true", help="with --stats: as JSON")
+    r.add_argument("--stats", action="store_true", help="print what the register cache did, "
+                   "setup (creation, load) apart from the run")
+    r.add_argument("--json", action="store_true", help="the stats as JSON on stdout (implies "
+                   "--stats; the guest's serial output goes to stderr unless --serial)")
     r.add_argument("--strategy", default="regsync",
-                   choices=["regsync", "eager", "qemu", "qemu2012"], help="register sync")
-    r.add_argument("--timeout", type=float, default=0, metavar="SEC",
-                   help="stop the guest after SEC seconds (0 = no limit)")
-    r.add_argument("--watchdog-action", choices=["stop", "reset"], default="stop")
+                   choices=["regsync", "eager", "qemu", "qemu2012"],
+                   help="register sync: the cache, or a comparison strategy")
+    r.add_argument("--timeout", type=_seconds, default=0, metavar="SEC",
+                   help="stop the guest after SEC seconds, exit 124 (0 = no limit)")
+    r.add_argument("--watchdog-action", choices=["stop", "reset"], default="stop",
+                   help="when the guest watchdog expires: stop (exit 124) or reset the guest "
+                        "(at most 3 times, then stop)")
     r.add_argument("--serial", metavar="FILE", help="write the guest's serial output to FILE "
                    "instead of stdout")
 
     g = sub.add_parser("regs", help="dump the registers at the Nth exit of vCPU 0")
-    g.add_argument("guest")
-    g.add_argument("--exit", type=_positive, default=1, metavar="N", dest="nexit")
-    g.add_argument("--level", default="FULL", help="RUNTIME, RESET, FULL or a group name")
-    g.add_argument("--arg", type=_int, default=0)
-    g.add_argument("--json", action="store_true")
+    g.add_argument("guest", help="bundled guest name or an image path (one vCPU)")
+    g.add_argument("--exit", type=_positive, default=1, metavar="N", dest="nexit",
+                   help="dump at vCPU 0's Nth exit to userspace (default 1)")
+    g.add_argument("--level", default="FULL",
+                   help="RUNTIME, RESET, FULL or a group name (any case; default FULL)")
+    g.add_argument("--arg", type=_u64, default=0, metavar="N",
+                   help="guest argument in the boot info (u64; 0 = the guest's default)")
+    g.add_argument("--timeout", type=_seconds, default=REGS_TIMEOUT, metavar="SEC",
+                   help=f"give up when exit N has not come after SEC seconds, exit 2 "
+                        f"(default {REGS_TIMEOUT:g}; 0 = wait for ever)")
+    g.add_argument("--json", action="store_true",
+                   help="the exit and the registers as JSON on stdout")
 
     sub.add_parser("info", help="KVM capabilities, register groups and levels")
     sub.add_parser("list", help="the bundled guests")
 
     b = sub.add_parser("bench", help="run the benchmarks (table + JSON)")
     b.add_argument("--quick", action="store_true", help="fewer iterations")
-    b.add_argument("--out", default="benchmarks/results.json")
+    b.add_argument("--out", default=DEFAULT_BENCH_OUT, metavar="FILE",
+                   help=f"where the JSON goes (default {DEFAULT_BENCH_OUT}, git-ignored; "
+                        "the tracked benchmarks/results.json only when named here)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()          # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`| head`): say nothing more, and keep Python's exit
+        # flush from failing again on the dead pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
         build_parser().print_help()
-        return 2
+        return EXIT_BAD_INPUT
     from .kvm import KvmError, KvmUnavailable
     from .memory import GuestMemoryError
     try:
         return int(_COMMANDS[args.command](args))
     except KeyboardInterrupt:
         print("regsync: interrupted", file=sys.stderr)
-        return 130
-    except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError, KvmError,
-            KvmUnavailable, GuestMemoryError, OSError) as e:
-        print(f"regsync: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise
+    except (CliError, ValueError, TypeError, KvmError, KvmUnavailable, GuestMemoryError,
+            OSError) as e:
+        print(f"regsync: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# --- run ---------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from .machine import Machine
     if args.wait and not args.gdb:
-        raise ValueError("--wait needs --gdb PORT")
+        raise CliError("--wait needs --gdb PORT")
+    if args.json:
+        args.stats = True            # --json is the stats' format: asking for it asks for them
     with contextlib.ExitStack() as stack:
-        sink = stack.enter_context(open(args.serial, "w")) if args.serial else None
+        sink: Any = stack.enter_context(open(args.serial, "w")) if args.serial else None
+        if sink is None and args.json:
+            sink = sys.stderr        # stdout carries the JSON alone
         m = stack.enter_context(Machine(mem_mb=args.mem, smp=args.smp, strategy=args.strategy,
                                         watchdog_action=args.watchdog_action, serial_out=sink))
         return _run(m, args)
@@ -115,6 +214,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(m: Any, args: argparse.Namespace) -> int:
     """Load, optionally serve gdb, run until the guest exits; the exit status."""
     m.load(args.guest, arg=args.arg)
+    for v in m.vcpus:
+        v.end_setup()                # what follows is the run (see --stats)
     server = None
     if args.gdb:
         from .gdb.server import attach_gdb
@@ -128,12 +229,12 @@ def _run(m: Any, args: argparse.Namespace) -> int:
             status = m.wait(0.2)
             if status is None and deadline and time.perf_counter() > deadline:
                 print(f"regsync: timeout after {args.timeout} s; stopping", file=sys.stderr)
-                m.stop(124)
-                status = 124
+                m.stop(EXIT_WATCHDOG)
+                status = EXIT_WATCHDOG
     except KeyboardInterrupt:
         print("regsync: interrupted; stopping the guest", file=sys.stderr)
-        m.stop(130)
-        status = 130
+        m.stop(EXIT_INTERRUPTED)
+        status = EXIT_INTERRUPTED
     finally:
         if server is not None:
             server.close()
@@ -146,22 +247,77 @@ def _run(m: Any, args: argparse.Namespace) -> int:
     return status
 
 
+def _minus(total: Any, base: Any, top: bool = True) -> Any:
+    """total - base for stats: numbers subtract, dicts by key (in the per-name count
+    dicts below the top, names whose count did not change are dropped), lists keep
+    what was appended after base."""
+    if isinstance(total, dict):
+        out = {}
+        for k, v in total.items():
+            empty = type(v)() if isinstance(v, (dict, list)) else 0
+            d = _minus(v, base.get(k, empty), top=False)
+            if top or d:
+                out[k] = d
+        return out
+    if isinstance(total, list):
+        return total[len(base):]
+    return total - base
+
+
+def split_stats(v: Any) -> dict[str, Any]:
+    """A vCPU's stats as {"setup", "run"}: setup = up to Vcpu.end_setup (creation's
+    power-on snapshot, the guest load), run = everything since."""
+    total = v.stats
+    setup = v.setup_stats or _minus(total, total)
+    return {"id": v.id, "setup": setup, "run": _minus(total, setup)}
+
+
 def _print_stats(m: Any, wall: float, as_json: bool) -> None:
-    per_vcpu = [v.stats for v in m.vcpus]
+    per_vcpu = [split_stats(v) for v in m.vcpus]
     if as_json:
         print(json.dumps({"wall_s": wall, "vcpus": per_vcpu}, indent=2))
         return
-    for v, st in zip(m.vcpus, per_vcpu):
-        io = st["ioctls"]
+    for st in per_vcpu:
+        setup, run = st["setup"], st["run"]
+        io = run["ioctls"]
         runs = io.get("KVM_RUN", 0)
         others = sum(n for k, n in io.items() if k != "KVM_RUN")
-        print(f"vCPU {v.id}: {st['exits']} exits, {runs} KVM_RUN, {others} other ioctls "
-              f"({others / max(runs, 1):.3f} per exit)")
-        print(f"  ioctls: {', '.join(f'{k}={n}' for k, n in sorted(io.items()))}")
-        print(f"  fetches: {dict(st['fetches']) or '{}'}  writes: {dict(st['writes']) or '{}'}"
-              f"  via kvm_run: {dict(st['deferred_writes']) or '{}'}")
-        print(f"  local reads: {st['local_reads']}  fetches avoided: {st['fetches_avoided']}"
-              f"  write-backs avoided: {st['writes_avoided']}")
+        print(f"vCPU {st['id']}: {run['exits']} exits, {runs} KVM_RUN, {others} other ioctls "
+              f"at run time ({others / max(runs, 1):.3f} per exit)")
+        print(f"  setup: {_ioctls(setup)}  (creation's power-on snapshot and the load)")
+        print(f"  run:   {_ioctls(run)}")
+        print(f"         fetches: {run['fetches'] or '{}'}  writes: {run['writes'] or '{}'}"
+              f"  via kvm_run: {run['deferred_writes'] or '{}'}")
+        print(f"         local reads: {run['local_reads']}  fetches avoided: "
+              f"{run['fetches_avoided']}  write-backs avoided: {run['writes_avoided']}")
+
+
+def _ioctls(st: dict[str, Any]) -> str:
+    io = st["ioctls"]
+    return f"ioctls: {', '.join(f'{k}={n}' for k, n in sorted(io.items())) or 'none'}"
+
+
+# --- regs --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _alarm(seconds: float) -> Iterator[list[bool]]:
+    """A flag set after ``seconds``; SIGALRM also interrupts a KVM_RUN in progress
+    (it returns EINTR). The timer repeats every 50 ms after that, so a signal that
+    lands just before the ioctl starts is followed by one that lands inside it."""
+    expired = [False]
+    if not seconds:
+        yield expired
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        expired[0] = True
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
+    try:
+        yield expired
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def cmd_regs(args: argparse.Namespace) -> int:
@@ -169,26 +325,40 @@ def cmd_regs(args: argparse.Namespace) -> int:
     from .regdump import format_dump
     from .vcpu import to_mask
     mask = to_mask(args.level)
-    with Machine(smp=1) as m:
+    # stdout carries the dump; the guest's serial output goes to stderr.
+    with Machine(smp=1, serial_out=sys.stderr) as m:
         m.load(args.guest, arg=args.arg)
         v = m.vcpus[0]
         ex = None
-        for _ in range(args.nexit):
-            ex = v.run()
-            if ex.kind not in ("io", "mmio", "interrupted"):
-                break
-            m.dispatch(v, ex)
-            if m.exit_status is not None:
-                break
+        reached = 0
+        with _alarm(args.timeout) as expired:
+            while reached < args.nexit:
+                if expired[0]:
+                    raise CliError(f"vCPU 0 did not reach exit {args.nexit} within "
+                                   f"{args.timeout:g} s ({reached} exits so far); --timeout "
+                                   "SEC waits longer")
+                ex = v.run()
+                if ex.kind == "interrupted":
+                    continue                 # our own alarm, not a guest exit
+                reached += 1
+                if ex.kind not in ("io", "mmio"):
+                    break                    # hlt, debug, a fatal exit: nothing runs on
+                m.dispatch(v, ex)
+                if m.exit_status is not None:
+                    break
+        if reached < args.nexit:
+            print(f"regsync: the guest stopped at exit {reached} ({ex!r}), before exit "
+                  f"{args.nexit}", file=sys.stderr)
         values = v.regs.dump(mask)
         if args.json:
-            print(json.dumps({"exit": repr(ex), "registers": values}, indent=1))
+            print(json.dumps({"exit": repr(ex), "exits": reached, "registers": values}, indent=1))
         else:
-            print(f"vCPU 0 at exit {v.cache.stats.exits}: {ex!r}")
+            print(f"vCPU 0 at exit {reached}: {ex!r}")
             print(format_dump(values))
     return 0
 
 
+# --- info, list, bench -------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
     from .arch.x86_64 import CATALOG
     from .kvm import System

@@ -10,22 +10,42 @@ Threads, devices and the exit dispatch loop live in vmm.py, built on this.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import loader
 from .arch.x86_64 import boot
-from .guests import GUESTS, load_image, parse_header
+from .guests import GUESTS, load_image
 from .kvm import System
-from .memory import GuestMemory, GuestMemoryError, elf_segments, load_segments
+from .loader import Image, ImageError
+from .memory import GuestMemory, GuestMemoryError
 from .vcpu import LEVELS, Vcpu
 from .vmm import VmmMixin
 
 TSS_ADDR = 0xFFFBD000          # three pages KVM needs below 4 GiB (VMX real-mode TSS)
 IDENTITY_MAP_ADDR = 0xFFFBC000
-MULTIBOOT_MAGIC = 0x2BADB002
+MULTIBOOT_MAGIC = loader.MULTIBOOT_BOOT_MAGIC
 MULTIBOOT_INFO = 0x600          # a minimal multiboot info (flags = mem_lower/upper)
 BOOT_ARG = boot.BOOT_INFO + 0x10
 COMPARISON_STRATEGIES = ("eager", "qemu2012", "qemu")
+STRATEGY_NAMES = ("regsync", *COMPARISON_STRATEGIES)
+MAX_MEM_MB = 3072               # RAM is one slot below the 4 GiB hole (TSS_ADDR and up)
+# Guest-physical ranges regsync itself writes at load (boot info and BOOT_ARG at
+# 0x500, MULTIBOOT_INFO at 0x600, GDT, page tables at 0x2000..0x8000, boot stack
+# below 0x9000: arch/x86_64/boot.py): an image placed over them would be
+# overwritten, or overwrite them. (start, end, what) for loader.check_placement.
+BOOT_STRUCTURES: tuple[tuple[int, int, str], ...] = (
+    (boot.BOOT_INFO, boot.BOOT_STACK_TOP,
+     "boot info, multiboot info, GDT, page tables and boot stack"),
+)
+# xAPIC IDs are 8 bits and 0xff is the broadcast destination, so 255 vCPUs (IDs
+# 0..254) is the most the in-kernel LAPIC can address one by one in xAPIC mode
+# (Linux arch/x86/kvm/lapic.c, kvm_apic_match_physical_addr / APIC_BROADCAST);
+# _cpuid_for() also puts the ID in CPUID.1:EBX[31:24], 8 bits. (x2APIC would lift
+# this, but regsync's guests and the boot state use xAPIC.)
+MAX_XAPIC_VCPUS = 255
+MAX_IMAGE_BYTES = MAX_MEM_MB << 20
 
 
 @dataclass(frozen=True)
@@ -36,23 +56,39 @@ class LoadedGuest:
     end: int             # first byte past the image (bss included)
     arg: int = 0         # the guest argument in the boot info
     addr: int = 0x100000
+    image: Image | None = None   # the parsed image (segments, multiboot header ...)
 
 
 def _read_image(guest: str | os.PathLike[str]) -> bytes:
-    """A bundled guest by name, or the bytes of an image file."""
+    """A bundled guest by name, or the bytes of an image file (a regular file)."""
     name = str(guest)
     if name in GUESTS:
         return load_image(name)
     path = Path(guest)
-    if not path.is_file():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
         known = ", ".join(sorted(GUESTS))
-        raise FileNotFoundError(f"{name}: no such guest image (bundled guests: {known})")
+        raise FileNotFoundError(f"{name}: no such guest image (bundled guests: {known})") \
+            from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{name} is a directory, not a guest image")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{name} is not a regular file (a device, FIFO or socket): "
+                         "a guest image is read from a file")
+    if st.st_size > MAX_IMAGE_BYTES:
+        raise ImageError(f"{name} is {st.st_size} bytes, larger than the largest guest RAM "
+                         f"({MAX_MEM_MB} MiB)")
     return path.read_bytes()
 
 
-def _has_multiboot_magic(image: bytes) -> bool:
-    head = image[:8192]
-    return any(head[o:o + 4] == b"\x02\xb0\xad\x1b" for o in range(0, len(head) - 3, 4))
+def _check_int(name: str, value: object, lo: int, hi: int, why: str = "") -> int:
+    """Argument validation before any syscall: TypeError/ValueError naming the argument."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}: must be an int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value}: must be {lo}..{hi}{why}")
+    return value
 
 
 class Machine(VmmMixin):
@@ -66,10 +102,13 @@ class Machine(VmmMixin):
     def __init__(self, *, mem_mb: int = 64, smp: int = 1, irqchip: bool = True,
                  strategy: str = "regsync", sync_regs: bool | None = None,
                  serial_out: object = None, watchdog_action: str = "stop") -> None:
-        if not 1 <= mem_mb <= 3072:
-            raise ValueError(f"mem_mb={mem_mb}: must be 1..3072 (RAM sits below the 4 GiB hole)")
-        if smp < 1:
-            raise ValueError(f"smp={smp}: need at least one vCPU")
+        _check_int("mem_mb", mem_mb, 1, MAX_MEM_MB, " (RAM sits below the 4 GiB hole)")
+        _check_int("smp", smp, 1, MAX_XAPIC_VCPUS, " (xAPIC IDs are 8 bits, 0xff is broadcast)")
+        if strategy not in STRATEGY_NAMES:
+            raise ValueError(f"strategy={strategy!r}: one of {', '.join(STRATEGY_NAMES)}")
+        for flag, value in (("irqchip", irqchip), ("sync_regs", sync_regs)):
+            if not isinstance(value, bool) and not (flag == "sync_regs" and value is None):
+                raise TypeError(f"{flag}={value!r}: must be True or False")
         self._init_vmm(serial_out, watchdog_action)
         self.kvm = System()
         self.closed = False   # from here on close() has something to release
@@ -95,6 +134,11 @@ class Machine(VmmMixin):
                 self.kvm.check_extension("NR_VCPUS")
             if smp > self.max_vcpus:
                 raise ValueError(f"smp={smp}: this KVM allows at most {self.max_vcpus} vCPUs")
+            # vCPU ids are 0..smp-1; KVM refuses an id >= KVM_CAP_MAX_VCPU_ID (api.rst,
+            # KVM_CREATE_VCPU), which defaults to KVM_CAP_MAX_VCPUS when unreported.
+            max_id = self.kvm.check_extension("MAX_VCPU_ID") or self.max_vcpus
+            if smp > max_id:
+                raise ValueError(f"smp={smp}: this KVM allows vCPU ids below {max_id}")
             self._cpuid = self.kvm.supported_cpuid()
             self.supported_msrs = set(self.kvm.msr_index_list())
             self.vcpus: list[Vcpu] = []
@@ -144,37 +188,32 @@ class Machine(VmmMixin):
         For a flat image without a header, ``mode`` picks "long" (default),
         "protected" or "real", entering at ``addr``.
         """
-        if mode not in ("auto", "long", "protected", "real"):
-            raise ValueError(f"mode={mode!r}: one of auto, long, protected, real")
+        _check_int("arg", arg, 0, (1 << 64) - 1, " (an unsigned 64-bit guest argument)")
+        _check_int("addr", addr, 0, (1 << 32) - 1)
         name = str(guest)
-        image = _read_image(guest)
+        # The whole image is parsed and checked against RAM and regsync's own
+        # structures before guest memory is touched (loader.py); a refused image
+        # leaves the machine as it was.
+        image = loader.parse_image(_read_image(guest), mode=mode, flat_addr=addr)
+        loader.check_placement(image, self.ram_ranges(), BOOT_STRUCTURES)
         boot.write_boot_tables(self.memory, len(self.vcpus), self.memory.size)
         self.memory.write_u64(BOOT_ARG, arg)
-        entry, entry_mode, end = self._place(image, mode, addr)
-        loaded = LoadedGuest(name, entry, entry_mode, end, arg, addr)
+        self._place(image)
+        loaded = LoadedGuest(name, image.entry, image.mode, image.end, arg, addr, image)
         self._enter(loaded)
         self.guest = loaded
         return loaded
 
-    def _place(self, image: bytes, mode: str, addr: int) -> tuple[int, str, int]:
-        """Copy the image into guest memory: (entry, mode, end of image and bss)."""
-        if image[:4] == b"\x7fELF":
-            entry, segs = elf_segments(image)
-            load_segments(self.memory, segs)
-            end = max((s.gpa + s.memsz for s in segs), default=entry)
-            return entry, "long" if mode == "auto" else mode, end
-        # An image that carries a multiboot header must parse (a corrupt one is an
-        # error that names the problem); one without is a flat binary at addr.
-        if not _has_multiboot_magic(image):
-            self.memory.write(addr, image)
-            return addr, "long" if mode == "auto" else mode, addr + len(image)
-        hdr = parse_header(image)
-        self.memory.write(hdr.load_addr, image[:hdr.load_end - hdr.load_addr])
-        if hdr.bss_end > hdr.load_end:
-            self.memory.write(hdr.load_end, bytes(hdr.bss_end - hdr.load_end))
-        if hdr.entry64 is not None and mode in ("auto", "long"):
-            return hdr.entry64, "long", hdr.bss_end
-        return hdr.entry32, "protected", hdr.bss_end
+    def ram_ranges(self) -> list[tuple[int, int]]:
+        """Guest RAM as [start, end) guest-physical ranges, one per memory slot."""
+        return [(s.gpa, s.gpa + s.size) for s in self.memory.slots]
+
+    def _place(self, image: Image) -> None:
+        """Copy a checked image into guest memory, zero-filling each segment's bss."""
+        for seg in image.segments:
+            self.memory.write(seg.gpa, seg.data)
+            if seg.memsz > len(seg.data):
+                self.memory.write(seg.gpa + len(seg.data), bytes(seg.memsz - len(seg.data)))
 
     def _enter(self, g: LoadedGuest) -> None:
         regs = self.vcpus[0].regs

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import struct
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -102,41 +101,3 @@ class GuestMemory:
         for s in self.slots:
             s.mem.close()
         self.slots.clear()
-
-
-# --- images ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Segment:
-    gpa: int
-    data: bytes
-    memsz: int
-
-
-def elf_segments(image: bytes) -> tuple[int, list[Segment]]:
-    """(entry, PT_LOAD segments) of an ELF64 little-endian x86-64 image."""
-    if image[:4] != b"\x7fELF":
-        raise GuestMemoryError("not an ELF image")
-    if image[4] != 2 or image[5] != 1:
-        raise GuestMemoryError("ELF image is not 64-bit little-endian")
-    (e_entry, e_phoff) = struct.unpack_from("<QQ", image, 24)
-    (e_phentsize, e_phnum) = struct.unpack_from("<HH", image, 54)
-    segs = []
-    for i in range(e_phnum):
-        off = e_phoff + i * e_phentsize
-        if off + 56 > len(image):
-            raise GuestMemoryError(f"ELF program header {i} lies past the end of the file")
-        p_type, _flags, p_offset, _vaddr, p_paddr, p_filesz, p_memsz, _ = \
-            struct.unpack_from("<IIQQQQQQ", image, off)
-        if p_type != 1:
-            continue
-        if p_offset + p_filesz > len(image):
-            raise GuestMemoryError(f"ELF segment {i} lies past the end of the file")
-        segs.append(Segment(p_paddr, image[p_offset:p_offset + p_filesz], p_memsz))
-    return e_entry, segs
-
-
-def load_segments(mem: GuestMemory, segs: list[Segment]) -> None:
-    for seg in segs:
-        mem.write(seg.gpa, seg.data)
-        if seg.memsz > len(seg.data):
-            mem.write(seg.gpa + len(seg.data), bytes(seg.memsz - len(seg.data)))

@@ -33,6 +33,7 @@ def to_mask(what: int | str | Iterable[str]) -> int:
     names = [what] if isinstance(what, str) else list(what)
     mask = 0
     for n in names:
+        n = n.upper() if isinstance(n, str) else n     # names are case-insensitive
         if n in LEVELS:
             mask |= LEVELS[n]
         elif n in CATALOG.group_by_name:
@@ -65,6 +66,7 @@ class Vcpu:
             handle.run_page_addr)).cast("B")
         self.last_exit: exits.AnyExit | None = None
         self._pending_exit: exits.AnyExit | None = None   # see _complete_pending_io
+        self.setup_stats: dict[str, Any] | None = None    # see end_setup
 
     # --- the run ---------------------------------------------------------------------
     def run(self) -> exits.AnyExit:
@@ -165,6 +167,11 @@ class Vcpu:
     def stats(self) -> dict[str, Any]:
         """ioctl counts by name plus what the cache did and avoided."""
         return {"ioctls": dict(self.handle.counters), **self.cache.stats.as_dict()}
+
+    def end_setup(self) -> None:
+        """Keep the counts so far as ``setup_stats`` (creation's power-on snapshot, the
+        guest load): the CLI reports them apart from what the run transfers."""
+        self.setup_stats = self.stats
 
     def close(self) -> None:
         """Close the vCPU. Cached values stay readable; anything needing KVM raises."""

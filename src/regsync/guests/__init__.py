@@ -20,9 +20,10 @@ OUT to 0x501.
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 from typing import NamedTuple
+
+from .. import loader
 
 GUESTS: dict[str, str] = {
     "hello": "prints 'Hello from the regsync guest!' and exits 0",
@@ -35,10 +36,10 @@ GUESTS: dict[str, str] = {
 }
 
 LOAD_ADDR = 0x100000
-MULTIBOOT_MAGIC = 0x1BADB002
-MULTIBOOT_AOUT_KLUDGE = 1 << 16
-MULTIBOOT_SEARCH = 8192
-REGSYNC_MAGIC = b"RSYNC64\0"
+MULTIBOOT_MAGIC = loader.MULTIBOOT_MAGIC
+MULTIBOOT_AOUT_KLUDGE = loader.MB_AOUT_KLUDGE
+MULTIBOOT_SEARCH = loader.MULTIBOOT_SEARCH
+REGSYNC_MAGIC = loader.REGSYNC_MAGIC
 
 # Exit statuses the guests use (the status byte written to port 0xf4).
 EXIT_OK = 0
@@ -109,52 +110,23 @@ def hypercall_checksum(n: int) -> int:
 
 
 def parse_header(image: bytes) -> ImageHeader:
-    """Find and check the multiboot v1 header and the regsync header after it.
+    """Find and check the multiboot v1 header (a.out kludge) and the regsync header
+    after it; the checks themselves live in :mod:`regsync.loader`.
 
     Raises ValueError saying what is wrong with an image that cannot be loaded.
     """
     image = bytes(image)
-    limit = min(len(image), MULTIBOOT_SEARCH) - 12
-    off = next((o for o in range(0, max(limit + 1, 0), 4)
-                if struct.unpack_from("<I", image, o)[0] == MULTIBOOT_MAGIC), None)
-    if off is None:
+    mb = loader.find_multiboot_header(image)
+    if mb is None:
         raise ValueError(f"no multiboot header (magic {MULTIBOOT_MAGIC:#x}) in the first "
                          f"{MULTIBOOT_SEARCH} bytes of the {len(image)}-byte image")
-    magic, flags, checksum = struct.unpack_from("<III", image, off)
-    if (magic + flags + checksum) & 0xFFFFFFFF:
-        raise ValueError(f"multiboot header at offset {off:#x}: bad checksum {checksum:#x}")
-    if not flags & MULTIBOOT_AOUT_KLUDGE:
-        raise ValueError(f"multiboot header at offset {off:#x}: flags {flags:#x} lack bit 16 "
-                         "(address fields); only flat a.out-kludge images are supported")
-    if off + 32 > len(image):
-        raise ValueError(f"multiboot header at offset {off:#x} is cut off by the end of the image")
-    header_addr, load_addr, load_end, bss_end, entry32 = struct.unpack_from("<5I", image, off + 12)
-    file_start = header_addr - off          # the address of the file's first byte
-    if header_addr < load_addr or file_start != load_addr:
-        raise ValueError(f"multiboot header_addr {header_addr:#x} at file offset {off:#x} does "
-                         f"not match load_addr {load_addr:#x} (the file must start at load_addr)")
-    if load_end == 0:
-        load_end = load_addr + len(image)
-    if load_end <= load_addr:
-        raise ValueError(f"multiboot load_end_addr {load_end:#x} <= load_addr {load_addr:#x}")
-    if load_end - load_addr > len(image):
-        raise ValueError(f"image is {len(image)} bytes but the header loads "
-                         f"{load_end - load_addr} (load_addr {load_addr:#x}..{load_end:#x})")
-    if bss_end == 0:
-        bss_end = load_end
-    if bss_end < load_end:
-        raise ValueError(f"multiboot bss_end_addr {bss_end:#x} < load_end_addr {load_end:#x}")
-    if not load_addr <= entry32 < load_end:
-        raise ValueError(f"multiboot entry_addr {entry32:#x} is outside the loaded image "
-                         f"{load_addr:#x}..{load_end:#x}")
-    entry64 = None
-    roff = (off + 32 + 7) & ~7
-    if roff + 24 <= len(image) and image[roff:roff + 8] == REGSYNC_MAGIC:
-        entry64, _reserved = struct.unpack_from("<QQ", image, roff + 8)
-        if not load_addr <= entry64 < load_end:
-            raise ValueError(f"regsync entry64 {entry64:#x} is outside the loaded image "
-                             f"{load_addr:#x}..{load_end:#x}")
-    return ImageHeader(load_addr, load_end, bss_end, entry32, entry64)
+    if not mb.has_addresses:
+        raise ValueError(f"multiboot header at offset {mb.offset:#x}: flags {mb.flags:#x} lack "
+                         "bit 16 (address fields); the bundled guests are a.out-kludge images")
+    img = loader.parse_image(image)
+    (seg,) = img.segments
+    assert mb.entry_addr is not None
+    return ImageHeader(seg.gpa, seg.gpa + len(seg.data), seg.end, mb.entry_addr, img.entry64)
 
 
 __all__ = ["GUESTS", "ImageHeader", "image_path", "symbol_path", "load_image", "symbols",
