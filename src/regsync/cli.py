@@ -23,6 +23,7 @@ from . import __version__
 from .bench import DEFAULT_OUT as DEFAULT_BENCH_OUT   # git-ignored; the tracked file needs --out
 from .gdb.adapter import KILL_STATUS
 from .guests import GUESTS
+from .strategies import STRATEGIES
 from .vmm import EXIT_FATAL, EXIT_WATCHDOG
 
 DEMO_GUEST = "smp"
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="the stats as JSON on stdout (implies "
                    "--stats; the guest's serial output goes to stderr unless --serial)")
     r.add_argument("--strategy", default="regsync",
-                   choices=["regsync", "eager", "qemu", "qemu2012"],
+                   choices=list(STRATEGIES),
                    help="register sync: the cache, or a comparison strategy")
     r.add_argument("--timeout", type=_seconds, default=0, metavar="SEC",
                    help="stop the guest after SEC seconds, exit 124 (0 = no limit)")

@@ -20,6 +20,7 @@ from .guests import GUESTS, load_image
 from .kvm import System
 from .loader import Image, ImageError
 from .memory import GuestMemory, GuestMemoryError
+from .strategies import STRATEGIES
 from .vcpu import LEVELS, Vcpu
 from .vmm import VmmMixin
 
@@ -29,7 +30,6 @@ MULTIBOOT_MAGIC = loader.MULTIBOOT_BOOT_MAGIC
 MULTIBOOT_INFO = 0x600          # a minimal multiboot info (flags = mem_lower/upper)
 BOOT_ARG = boot.BOOT_INFO + 0x10
 COMPARISON_STRATEGIES = ("eager", "qemu2012", "qemu")
-STRATEGY_NAMES = ("regsync", *COMPARISON_STRATEGIES)
 MAX_MEM_MB = 3072               # RAM is one slot below the 4 GiB hole (TSS_ADDR and up)
 # Guest-physical ranges regsync itself writes at load (boot info and BOOT_ARG at
 # 0x500, MULTIBOOT_INFO at 0x600, GDT, page tables at 0x2000..0x8000, boot stack
@@ -104,8 +104,8 @@ class Machine(VmmMixin):
                  serial_out: object = None, watchdog_action: str = "stop") -> None:
         _check_int("mem_mb", mem_mb, 1, MAX_MEM_MB, " (RAM sits below the 4 GiB hole)")
         _check_int("smp", smp, 1, MAX_XAPIC_VCPUS, " (xAPIC IDs are 8 bits, 0xff is broadcast)")
-        if strategy not in STRATEGY_NAMES:
-            raise ValueError(f"strategy={strategy!r}: one of {', '.join(STRATEGY_NAMES)}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r}: one of {', '.join(STRATEGIES)}")
         for flag, value in (("irqchip", irqchip), ("sync_regs", sync_regs)):
             if not isinstance(value, bool) and not (flag == "sync_regs" and value is None):
                 raise TypeError(f"{flag}={value!r}: must be True or False")
