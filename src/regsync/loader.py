@@ -219,6 +219,8 @@ def find_multiboot_header(data: bytes) -> MultibootHeader | None:
     if off is None:
         return None
     magic, flags, checksum = struct.unpack_from("<III", head, off)
+    # Multiboot 3.1.2 "Header magic fields": the three sum to 0 mod 2^32; bits 0-15
+    # are requirements a loader must refuse when it does not understand them.
     if (magic + flags + checksum) & 0xFFFFFFFF:
         raise ImageError(f"multiboot header at offset {off:#x}: bad checksum {checksum:#x} "
                          f"(magic + flags + checksum must be 0 mod 2^32)")
@@ -245,6 +247,9 @@ def _aout_image(data: bytes, mb: MultibootHeader, mode: str) -> Image:
     assert mb.load_end_addr is not None and mb.bss_end_addr is not None
     assert mb.entry_addr is not None
     at = f"multiboot header at offset {mb.offset:#x}"
+    # Multiboot 3.1.3 "Header address fields" (all physical): the text starts at file
+    # offset (header offset - (header_addr - load_addr)); load_end_addr 0 = to the end
+    # of the file; bss_end_addr 0 = no bss. QEMU: hw/i386/multiboot.c, load_multiboot().
     if mb.header_addr < mb.load_addr:
         raise ImageError(f"{at}: header_addr {mb.header_addr:#x} < load_addr "
                          f"{mb.load_addr:#x} (the spec wants load_addr <= header_addr)")
@@ -316,6 +321,8 @@ def _elf_segments(data: bytes) -> tuple[int, tuple[Segment, ...]]:
         raise ImageError(f"truncated ELF{bits} image: {len(data)} bytes, its header alone "
                          f"needs {ehsize}")
     e_type, e_machine = struct.unpack_from("<HH", data, 16)
+    # AMD64 psABI "Machine Information": ELFCLASS64, ELFDATA2LSB, EM_X86_64 (62);
+    # multiboot ELF kernels are i386 (EM_386, 3), as QEMU's load_multiboot requires.
     if e_machine != machine_ok:
         name = _MACHINES.get(e_machine, "unknown")
         raise ImageError(f"ELF{bits} image is for machine {e_machine} ({name}), not "
@@ -350,6 +357,8 @@ def _elf_segments(data: bytes) -> tuple[int, tuple[Segment, ...]]:
                 struct.unpack_from(layout, data, off)
         if p_type != PT_LOAD or p_memsz == 0:
             continue                 # QEMU skips zero-size segments too (elf_ops.h)
+        # elf(5), PT_LOAD: "The file size may not be larger than the memory size";
+        # the bytes from p_filesz to p_memsz are zero (the bss).
         if p_filesz > p_memsz:
             raise ImageError(f"ELF segment {i}: p_filesz {p_filesz:#x} > p_memsz {p_memsz:#x} "
                              "(the file size may not exceed the memory size)")
