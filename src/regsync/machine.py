@@ -10,12 +10,15 @@ Threads, devices and the exit dispatch loop live in vmm.py, built on this.
 from __future__ import annotations
 
 import os
+import sys
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from . import loader
 from .arch.x86_64 import boot
+from .board import cpuid as cpu_model, multiboot
 from .guests import GUESTS, load_image
 from .kvm import System
 from .loader import Image, ImageError
@@ -57,6 +60,8 @@ class LoadedGuest:
     arg: int = 0         # the guest argument in the boot info
     addr: int = 0x100000
     image: Image | None = None   # the parsed image (segments, multiboot header ...)
+    cmdline: str = ""            # multiboot: the command line after the image's path
+    initrd: tuple[str, ...] = ()  # multiboot modules ("FILE [ARGS]")
 
 
 def _read_image(guest: str | os.PathLike[str]) -> bytes:
@@ -101,7 +106,8 @@ class Machine(VmmMixin):
 
     def __init__(self, *, mem_mb: int = 64, smp: int = 1, irqchip: bool = True,
                  strategy: str = "regsync", sync_regs: bool | None = None,
-                 serial_out: object = None, watchdog_action: str = "stop") -> None:
+                 serial_out: object = None, watchdog_action: str = "stop",
+                 board: str | None = None, testdev: bool = False, cpu: str | None = None) -> None:
         _check_int("mem_mb", mem_mb, 1, MAX_MEM_MB, " (RAM sits below the 4 GiB hole)")
         _check_int("smp", smp, 1, MAX_XAPIC_VCPUS, " (xAPIC IDs are 8 bits, 0xff is broadcast)")
         if strategy not in STRATEGIES:
@@ -109,6 +115,8 @@ class Machine(VmmMixin):
         for flag, value in (("irqchip", irqchip), ("sync_regs", sync_regs)):
             if not isinstance(value, bool) and not (flag == "sync_regs" and value is None):
                 raise TypeError(f"{flag}={value!r}: must be True or False")
+        if cpu is not None:
+            cpu_model.parse(cpu)        # a bad -cpu is refused before /dev/kvm is opened
         self._init_vmm(serial_out, watchdog_action)
         self.kvm = System()
         self.closed = False   # from here on close() has something to release
@@ -140,6 +148,9 @@ class Machine(VmmMixin):
             if smp > max_id:
                 raise ValueError(f"smp={smp}: this KVM allows vCPU ids below {max_id}")
             self._cpuid = self.kvm.supported_cpuid()
+            if cpu is not None:         # QEMU's -cpu host,+feat,-feat (regsync.board.cpuid)
+                self._cpuid = cpu_model.apply(
+                    self._cpuid, cpu, lambda msg: print(f"regsync: warning: {msg}", file=sys.stderr))
             self.supported_msrs = set(self.kvm.msr_index_list())
             self.vcpus: list[Vcpu] = []
             self._power_on: dict[int, dict[str, int]] = {}
@@ -149,6 +160,16 @@ class Machine(VmmMixin):
             self.close()
             raise
         self.guest: LoadedGuest | None = None
+        # The pc board (QEMU's devices and firmware tables): regsync.board's one door.
+        self.board = None
+        if board is not None:
+            from .board import make_board
+            try:
+                self.board = make_board(board, self, testdev=testdev,
+                                        reserved=[(IDENTITY_MAP_ADDR, 0x4000)])
+            except BaseException:
+                self.close()
+                raise
 
     # --- vCPUs -------------------------------------------------------------------------
     def add_vcpu(self) -> Vcpu:
@@ -180,13 +201,16 @@ class Machine(VmmMixin):
 
     # --- guests ------------------------------------------------------------------------
     def load(self, guest: str | os.PathLike[str], *, arg: int = 0, mode: str = "auto",
-             addr: int = 0x100000) -> LoadedGuest:
+             addr: int = 0x100000, cmdline: str = "",
+             initrd: Sequence[str] = ()) -> LoadedGuest:
         """Load a bundled guest by name, or an ELF/multiboot/flat image by path, and put
         vCPU 0 at its entry (long mode when the image has a 64-bit entry).
 
         ``arg`` is the guest argument in the boot info (e.g. the hypercall count).
         For a flat image without a header, ``mode`` picks "long" (default),
-        "protected" or "real", entering at ``addr``.
+        "protected" or "real", entering at ``addr``. A multiboot kernel gets QEMU's
+        information structure (regsync.board.multiboot): ``cmdline`` after the
+        image's path, ``initrd`` as modules ("FILE [ARGS]" each).
         """
         _check_int("arg", arg, 0, (1 << 64) - 1, " (an unsigned 64-bit guest argument)")
         _check_int("addr", addr, 0, (1 << 32) - 1)
@@ -196,11 +220,23 @@ class Machine(VmmMixin):
         # leaves the machine as it was.
         image = loader.parse_image(_read_image(guest), mode=mode, flat_addr=addr)
         loader.check_placement(image, self.ram_ranges(), BOOT_STRUCTURES)
+        mb_info = None
+        if image.mode == "protected":   # modules read and laid out before memory is touched
+            mb_info = multiboot.plan(name, image.end, self.memory.size, cmdline, tuple(initrd),
+                                     self.board.memory_map() if self.board else
+                                     multiboot.memory_map(self.memory.size,
+                                                          [(IDENTITY_MAP_ADDR, 0x4000)]))
         boot.write_boot_tables(self.memory, len(self.vcpus), self.memory.size)
         self.memory.write_u64(BOOT_ARG, arg)
+        if self.board is not None:
+            self.board.write_tables()
         self._place(image)
-        loaded = LoadedGuest(name, image.entry, image.mode, image.end, arg, addr, image)
-        self._enter(loaded)
+        loaded = LoadedGuest(name, image.entry, image.mode, image.end, arg, addr, image,
+                             cmdline, tuple(initrd))
+        if mb_info is not None:
+            for at, blob in mb_info.blobs.items():
+                self.memory.write(at, blob)
+        self._enter(loaded, mb_info.info_addr if mb_info else 0)
         self.guest = loaded
         return loaded
 
@@ -215,16 +251,13 @@ class Machine(VmmMixin):
             if seg.memsz > len(seg.data):
                 self.memory.write(seg.gpa + len(seg.data), bytes(seg.memsz - len(seg.data)))
 
-    def _enter(self, g: LoadedGuest) -> None:
+    def _enter(self, g: LoadedGuest, multiboot_info: int = 0) -> None:
         regs = self.vcpus[0].regs
         if g.mode == "long":
             state = boot.long_mode_state(g.entry)
         elif g.mode == "protected":
-            # multiboot hand-off: EAX magic, EBX -> info with mem_lower/mem_upper.
-            mem_upper_kb = max(0, (self.memory.size >> 10) - 1024)
-            self.memory.write(MULTIBOOT_INFO, (1).to_bytes(4, "little") + (640).to_bytes(4, "little")
-                              + mem_upper_kb.to_bytes(4, "little"))
-            state = boot.protected_mode_state(g.entry, MULTIBOOT_MAGIC, MULTIBOOT_INFO)
+            # multiboot hand-off: EAX magic, EBX -> the information structure.
+            state = boot.protected_mode_state(g.entry, MULTIBOOT_MAGIC, multiboot_info)
         else:
             state = boot.real_mode_state(g.entry)
         for name, value in state.items():
@@ -236,7 +269,7 @@ class Machine(VmmMixin):
             raise RuntimeError("reload(): no guest was loaded")
         g = self.guest
         self.memory.clear()
-        self.load(g.name, arg=g.arg, mode=g.mode, addr=g.addr)
+        self.load(g.name, arg=g.arg, mode=g.mode, addr=g.addr, cmdline=g.cmdline, initrd=g.initrd)
 
     # --- lifetime ----------------------------------------------------------------------
     def close(self) -> None:

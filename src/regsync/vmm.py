@@ -226,12 +226,24 @@ class VmmMixin:
         self.debug_handler: Callable[[Vcpu, exits.DebugExit], None] | None = None
         self.exit_listeners: list[Callable[[int], None]] = []   # called once with the status
         self.halted: set[int] = set()
+        # MMIO outside RAM: each handler(addr, data or None for a read, length) answers
+        # bytes (a read), b"" (a write it took) or None (not its address).
+        self.mmio_handlers: list[Callable[[int, bytes | None, int], bytes | None]] = []
+        self.guest_code: int | None = None      # what the guest wrote to the debug-exit port
+        self.reboot = True       # False: a guest's reset request ends the run (QEMU -no-reboot)
 
     # --- dispatch (runs on vCPU threads) ------------------------------------------------
     def dispatch(self, vcpu: Vcpu, ex: exits.AnyExit) -> None:
         if type(ex) is exits.IoExit:
             self.bus.dispatch(vcpu, ex)
         elif isinstance(ex, exits.MmioExit):
+            data = ex.data if ex.is_write else None
+            for handler in self.mmio_handlers:
+                answer = handler(ex.addr, data, ex.length)
+                if answer is not None:
+                    if data is None:
+                        ex.respond(answer)
+                    return
             if not ex.is_write:
                 ex.respond(b"\xff" * ex.length)       # nothing is mapped there
         elif isinstance(ex, exits.DebugExit):
@@ -246,7 +258,7 @@ class VmmMixin:
             if len(self.halted) == len(self.vcpus):
                 self._finish(0)
         elif isinstance(ex, exits.SystemEventExit):
-            if ex.type == ks.KVM_SYSTEM_EVENT_RESET:
+            if ex.type == ks.KVM_SYSTEM_EVENT_RESET and self.reboot:
                 threading.Thread(target=self.reset, name="reset", daemon=True).start()
             else:
                 self._finish(0)
@@ -267,6 +279,8 @@ class VmmMixin:
         self._finish(EXIT_FATAL)
 
     def _guest_exit(self, vcpu_id: int, status: int) -> None:
+        if self.exit_status is None:
+            self.guest_code = status
         self._finish(status)
 
     def _vcpu_error(self, vcpu: Vcpu, e: BaseException) -> None:
@@ -298,6 +312,7 @@ class VmmMixin:
         install_kick_handler()
         self._stopped.clear()
         self.exit_status = None
+        self.guest_code = None
         self.threads = [VcpuThread(v, self.dispatch, self._vcpu_error, paused) for v in self.vcpus]
         for t in self.threads:
             t.start()

@@ -34,6 +34,11 @@ class PortBus:
                 raise ValueError(f"port {p:#x} already belongs to {self._ports[p].name}")
             self._ports[p] = device
 
+    def unregister(self, first: int, count: int = 1) -> None:
+        """Take ports off the bus (e.g. a board that has no device there)."""
+        for p in range(first, first + count):
+            self._ports.pop(p, None)
+
     def dispatch(self, vcpu: VcpuPort, ex: IoExit) -> None:
         dev = self._ports.get(ex.port)
         if dev is None:
