@@ -92,7 +92,8 @@ def _probe_source() -> tuple[str, list[tuple[str, int]]]:
         emit(f"cap {cap}", f"KVM_CAP_{cap}", num)
     for name in dir(s):
         if name.startswith(("KVM_EXIT_", "KVM_SYNC_X86_", "KVM_GUESTDBG_", "KVM_VCPUEVENT_VALID",
-                            "KVM_MP_STATE_", "KVM_SYSTEM_EVENT_")):
+                            "KVM_MP_STATE_", "KVM_SYSTEM_EVENT_", "KVM_IRQCHIP_", "KVM_CLOCK_",
+                            "KVM_MEM_LOG_", "KVM_DIRTY_LOG_", "KVM_IOAPIC_NUM_PINS")):
             emit(f"const {name}", name, getattr(s, name))
     lines += ["return 0;", "}"]
     return "\n".join(lines), expected

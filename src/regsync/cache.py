@@ -347,6 +347,71 @@ class RegisterCache:
         """Forget what is held (the kernel state changed behind the cache, e.g. a reset)."""
         self.held &= ~mask
 
+    # --- write intent: w1s/w1c registers (Register.write_intent) --------------------
+    def set_bits(self, reg: Register, mask: int) -> None:
+        """Set the bits of ``mask`` in the kernel's register, keeping every other bit
+        as the kernel has it now (a write-1-to-set transfer, e.g. KVM_REG_PPC_OR_TSR)."""
+        self._update_bits(reg, mask, 0)
+
+    def clear_bits(self, reg: Register, mask: int) -> None:
+        """Clear the bits of ``mask`` (a write-1-to-clear transfer, KVM_REG_PPC_CLEAR_TSR)."""
+        self._update_bits(reg, 0, mask)
+
+    def _update_bits(self, reg: Register, set_mask: int, clear_mask: int) -> None:
+        # Sent at once, not queued: the kernel applies the bits to its own current
+        # value, so nothing is gained by waiting and nothing can go stale. The local
+        # copy is then unknown (the kernel may have set other bits): the group is no
+        # longer held, and the next read fetches it.
+        self._check_thread()
+        if not reg.write_intent:
+            raise ValueError(f"{reg.name} is written by value (assign it); set_bits/"
+                             f"clear_bits are for write-1-to-set/clear registers")
+        for m in (set_mask, clear_mask):
+            if not isinstance(m, int) or not 0 <= m <= reg.mask:
+                raise ValueError(f"{reg.name}: bit mask {m!r} does not fit in {reg.width} bits")
+        update = getattr(self.transport, "update_bits", None)
+        if update is None:
+            raise ValueError(f"{reg.name}: this backend has no write-1-to-set/clear transfers")
+        update(reg, set_mask, clear_mask)
+        self.held &= ~self.catalog.group_by_name[reg.group].bit
+        self._stats.writes[reg.group] += 1
+
     def dirty_registers(self) -> list[str]:
         return [r.name for d in self.dirty.values() for r in d]
 
+
+    # --- whole groups, for snapshots (snapshot/ is the one caller) --------------------
+    def export(self, mask: int) -> dict[str, bytes]:
+        """Every available group in ``mask`` as the kernel's bytes, local edits included.
+
+        Fetches what is not held (synchronize: side-effect groups first); writes
+        nothing back, so taking a snapshot never disturbs the vCPU.
+        """
+        mask &= self.transport.available_mask
+        self.synchronize(mask)
+        return {g.name: self.transport.export(g) for g in self.catalog.groups_in(mask)}
+
+    def put(self, name: str, data: bytes, *, defer: bool = False) -> None:
+        """Replace a whole group in the kernel with ``data`` (bytes from export): a restore.
+
+        Edits of the group are dropped; afterwards the group is held and clean.
+        Written now by ioctl, or -- ``defer`` and a kvm_run sync group -- queued in
+        kvm_dirty_regs for the next KVM_RUN (no syscall). The caller owns the order
+        across groups. A refusal raises the transport's error naming the ioctl and
+        leaves the group not held.
+        """
+        self._check_thread()
+        g = self.catalog.group_by_name[name]
+        if self.in_flight & g.bit and not defer:
+            self._undefer(ioctl=False)      # a queued write of it must not land after this one
+        self.dirty[name].clear()
+        self.dirty_mask &= ~g.bit
+        try:
+            deferred = self.transport.put(g, data, defer)
+        except BaseException:
+            self.held &= ~g.bit
+            raise
+        if deferred:
+            self.in_flight |= g.bit
+        self.held |= g.bit
+        self._stats.writes[name] += 1

@@ -32,7 +32,7 @@ IDENTITY_MAP_ADDR = 0xFFFBC000
 MULTIBOOT_MAGIC = loader.MULTIBOOT_BOOT_MAGIC
 MULTIBOOT_INFO = 0x600          # a minimal multiboot info (flags = mem_lower/upper)
 BOOT_ARG = boot.BOOT_INFO + 0x10
-COMPARISON_STRATEGIES = ("eager", "qemu2012", "qemu")
+COMPARISON_STRATEGIES = ("eager", "qemu2012", "qemu2013", "qemu")
 MAX_MEM_MB = 3072               # RAM is one slot below the 4 GiB hole (TSS_ADDR and up)
 # Guest-physical ranges regsync itself writes at load (boot info and BOOT_ARG at
 # 0x500, MULTIBOOT_INFO at 0x600, GDT, page tables at 0x2000..0x8000, boot stack

@@ -1,11 +1,26 @@
-"""Guest memory: anonymous-mmap slots registered with KVM, accessed by guest-physical address."""
+"""Guest memory: anonymous-mmap slots registered with KVM, accessed by guest-physical address.
+
+Dirty-page tracking (for the snapshot room's fast reset): ``track_dirty()``
+turns on KVM's dirty log for every slot; ``collect_dirty()`` then returns the
+page numbers written since the last collect -- by the guest (KVM's log) and by
+regsync itself through ``write``/``clear`` (KVM logs only guest writes, so this
+layer records its own).
+"""
 
 from __future__ import annotations
 
 import ctypes
 import mmap
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Protocol
+
+from .kvm import KvmError
+from .kvm import structs as ks
+
+PAGE = mmap.PAGESIZE
+PAGE_SHIFT = PAGE.bit_length() - 1
+_NONZERO = re.compile(rb"[^\x00]")
 
 
 class GuestMemoryError(ValueError):
@@ -17,6 +32,14 @@ class _SlotRegistrar(Protocol):
                                userspace_addr: int, flags: int = 0) -> None: ...
 
 
+class _DirtyLogVm(_SlotRegistrar, Protocol):
+    def check_extension(self, cap: str | int) -> int: ...
+    def enable_cap(self, cap: str | int, *args: int, flags: int = 0) -> None: ...
+    def get_dirty_log(self, slot: int, bitmap_addr: int) -> None: ...
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
+                        bitmap_addr: int) -> None: ...
+
+
 @dataclass
 class Slot:
     index: int
@@ -24,6 +47,9 @@ class Slot:
     size: int
     mem: mmap.mmap
     host_addr: int
+    # KVM's dirty bitmap for this slot (one bit per page), once tracking is on.
+    bitmap: bytearray | None = field(default=None, repr=False)
+    bitmap_addr: int = 0
 
     def contains(self, gpa: int, length: int) -> bool:
         return self.gpa <= gpa and gpa + length <= self.gpa + self.size
@@ -35,6 +61,9 @@ class GuestMemory:
     def __init__(self, vm: _SlotRegistrar) -> None:
         self._vm = vm
         self.slots: list[Slot] = []
+        # None: not tracking; "get" or "manual": how KVM's dirty log is read (track_dirty).
+        self.dirty_mode: str | None = None
+        self.user_dirty: set[int] = set()    # guest page numbers regsync itself wrote
 
     def add_slot(self, gpa: int, size: int) -> Slot:
         if gpa % mmap.PAGESIZE or size <= 0 or size % mmap.PAGESIZE:
@@ -79,6 +108,8 @@ class GuestMemory:
         s = self._find(gpa, len(data))
         off = gpa - s.gpa
         s.mem[off:off + len(data)] = bytes(data)
+        if self.dirty_mode is not None and len(data):
+            self.user_dirty.update(range(gpa >> PAGE_SHIFT, ((gpa + len(data) - 1) >> PAGE_SHIFT) + 1))
 
     def read_u64(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 8), "little")
@@ -96,6 +127,71 @@ class GuestMemory:
         """Zero all RAM (used by reset with reload)."""
         for s in self.slots:
             s.mem[:] = bytes(s.size)
+            if self.dirty_mode is not None:
+                self.user_dirty.update(range(s.gpa >> PAGE_SHIFT, (s.gpa + s.size) >> PAGE_SHIFT))
+
+    # --- dirty pages ---------------------------------------------------------------
+    def track_dirty(self, vm: _DirtyLogVm, mode: str = "get") -> str:
+        """Turn on KVM's dirty log for every slot; returns the mode in use.
+
+        "get": KVM_GET_DIRTY_LOG alone both reads and resets the log (it
+        re-protects the pages it reports): one ioctl per slot and collect.
+        "manual": KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 -- KVM_GET_DIRTY_LOG reads,
+        KVM_CLEAR_DIRTY_LOG re-protects only the reported pages (api.rst,
+        "KVM_CLEAR_DIRTY_LOG"); two ioctls, meant for large VMs that clear in
+        chunks. Asked for where the host lacks the capability, "get" is used.
+        The dirty ring (KVM_CAP_DIRTY_LOG_RING) is not used: it must be enabled
+        before the vCPUs exist and costs the same one ioctl (KVM_RESET_DIRTY_RINGS).
+        """
+        if mode not in ("get", "manual"):
+            raise ValueError(f"dirty log mode {mode!r}: 'get' or 'manual'")
+        if self.dirty_mode is not None:
+            return self.dirty_mode
+        if mode == "manual":
+            caps = vm.check_extension("MANUAL_DIRTY_LOG_PROTECT2")
+            if caps & ks.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+                try:
+                    vm.enable_cap("MANUAL_DIRTY_LOG_PROTECT2", ks.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+                except KvmError:
+                    mode = "get"
+            else:
+                mode = "get"
+        for s in self.slots:
+            pages = s.size >> PAGE_SHIFT
+            s.bitmap = bytearray(((pages + 63) // 64) * 8)   # KVM writes whole u64 words
+            s.bitmap_addr = ctypes.addressof(ctypes.c_char.from_buffer(s.bitmap))
+            vm.set_user_memory_region(s.index, s.gpa, s.size, s.host_addr,
+                                      ks.KVM_MEM_LOG_DIRTY_PAGES)
+        self._log_vm = vm
+        self.dirty_mode = mode
+        self.user_dirty.clear()
+        return mode
+
+    def collect_dirty(self) -> list[int]:
+        """Guest page numbers (gpa >> 12) written since the last collect, sorted;
+        both logs start afresh. One KVM_GET_DIRTY_LOG per slot ("manual": plus one
+        KVM_CLEAR_DIRTY_LOG per slot that had dirty pages)."""
+        if self.dirty_mode is None:
+            raise RuntimeError("collect_dirty(): dirty tracking is off (track_dirty() first)")
+        vm = self._log_vm
+        pages = self.user_dirty
+        self.user_dirty = set()
+        for s in self.slots:
+            assert s.bitmap is not None
+            vm.get_dirty_log(s.index, s.bitmap_addr)
+            base = s.gpa >> PAGE_SHIFT
+            found = False
+            # The regex scans the bitmap in C and stops only at non-zero bytes.
+            for m in _NONZERO.finditer(s.bitmap):
+                found = True
+                at, byte = base + m.start() * 8, s.bitmap[m.start()]
+                while byte:
+                    low = byte & -byte
+                    pages.add(at + low.bit_length() - 1)
+                    byte ^= low
+            if found and self.dirty_mode == "manual":
+                vm.clear_dirty_log(s.index, 0, s.size >> PAGE_SHIFT, s.bitmap_addr)
+        return sorted(pages)
 
     def close(self) -> None:
         for s in self.slots:

@@ -35,6 +35,14 @@ class Register:
     volatile: bool = False
     aliases: tuple[str, ...] = ()
     doc: str = ""
+    # --- write intent (w1s/w1c registers) ---------------------------------------
+    # The kernel sets bits of this register on its own and offers write-1-to-set /
+    # write-1-to-clear transfers for it (PPC BookE TSR: KVM_REG_PPC_OR_TSR and
+    # KVM_REG_PPC_CLEAR_TSR). A plain value write would overwrite bits the kernel set
+    # since the value was read, so the register file refuses it: regs.set_bits() /
+    # regs.clear_bits() say which bits change, and the transport's update_bits()
+    # moves them. No x86_64 register has this shape (README, "Comparison strategies").
+    write_intent: bool = False
 
     @property
     def mask(self) -> int:

@@ -36,6 +36,21 @@ class _RegisterAttr:
     # Writes go through RegisterFileBase.__setattr__ (one frame, with suggestions).
 
 
+# --- write intent: w1s/w1c registers (Register.write_intent) ------------------------
+class _IntentAttr(_RegisterAttr):
+    """A register the kernel sets bits of on its own: reads as any register, but a
+    plain assignment is refused (not _RegisterAttr exactly, so __setattr__'s fast
+    path never takes it): it would overwrite the bits the kernel set since the
+    value was read, the seed's TSR/watchdog race."""
+    __slots__ = ()
+
+    def __set__(self, obj: Any, value: int) -> None:
+        raise ValueError(f"{self.reg.name} is a write-1-to-set/clear register: a plain value "
+                         f"would overwrite bits the kernel sets on its own; use "
+                         f"regs.set_bits({self.reg.name!r}, mask) or "
+                         f"regs.clear_bits({self.reg.name!r}, mask)")
+
+
 class _AliasAttr:
     __slots__ = ("alias", "home")
 
@@ -117,6 +132,22 @@ class RegisterFileBase:
     def __dir__(self) -> list[str]:
         return sorted({_attr_name(n) for n in self._names})
 
+    # --- write intent: w1s/w1c registers (Register.write_intent) --------------------
+    def set_bits(self, name: str, mask: int) -> None:
+        """Set ``mask``'s bits of a write-1-to-set/clear register (one OR transfer, now)."""
+        self._cache.set_bits(self._intent_register(name), mask)
+
+    def clear_bits(self, name: str, mask: int) -> None:
+        """Clear ``mask``'s bits of a write-1-to-set/clear register (one CLEAR transfer)."""
+        self._cache.clear_bits(self._intent_register(name), mask)
+
+    def _intent_register(self, name: str) -> Register:
+        entry = self._lookup(name)
+        if not isinstance(entry, Register) or not entry.write_intent:
+            raise ValueError(f"{name} is written by value (assign it); set_bits/clear_bits "
+                             f"are for write-1-to-set/clear registers")
+        return entry
+
     # --- MSRs by index ------------------------------------------------------------
     def _msr_register(self, index: int) -> Register:
         if not 0 <= index < 1 << 32:
@@ -189,7 +220,7 @@ def make_register_file(catalog: Catalog,
     names: dict[str, Register | Alias] = {}
     for reg in catalog.registers:
         bit = catalog.group_by_name[reg.group].bit
-        attr = _RegisterAttr(reg, bit, *accessors[reg])
+        attr = (_IntentAttr if reg.write_intent else _RegisterAttr)(reg, bit, *accessors[reg])
         for n in (reg.name, *reg.aliases):
             names[n] = reg
             ns[_attr_name(n)] = attr

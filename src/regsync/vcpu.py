@@ -138,6 +138,25 @@ class Vcpu:
     # --- sync vocabulary ---------------------------------------------------------------
     def synchronize(self, what: int | str | Iterable[str] = "FULL") -> None:
         """Make every register in the groups/level held or dirty (fetching what is not)."""
+    def complete_pending_operation(self) -> bool:
+        """Finish an I/O or MMIO exit that KVM completes only on re-entry, running no
+        guest instruction (api.rst, KVM_RUN: "userspace should ensure that the
+        operation is completed before performing a live migration"). Snapshots call
+        this before taking or putting back state: otherwise an OUT is repeated, or
+        the completion lands on the restored registers. True when a KVM_RUN was made;
+        an exit that completion produced (a rep ins chunk) stays for run() to return.
+        """
+        reason = self._run_page.exit_reason
+        if self._pending_exit is not None or reason not in (ks.KVM_EXIT_IO, ks.KVM_EXIT_MMIO):
+            return False
+        self._complete_pending_io()
+        return True
+
+    @property
+    def has_pending_exit(self) -> bool:
+        """An exit is waiting for run() to return it (see complete_pending_operation)."""
+        return self._pending_exit is not None
+
         self.cache.synchronize(to_mask(what))
 
     def synchronize_state(self, level: str = "FULL") -> None:

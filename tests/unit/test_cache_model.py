@@ -37,6 +37,7 @@ from regsync.sim import (CATALOG, MSR_RESERVED, RESET_GPRS, RESET_PENDING, RUNNA
 NAMES = [r.name for r in CATALOG.registers]
 GROUP_OF = {r.name: r.group for r in CATALOG.registers}
 VOLATILE = {r.name for r in CATALOG.registers if r.volatile}
+INTENT = {r.name for r in CATALOG.registers if r.write_intent}
 BIT = {g.name: g.bit for g in CATALOG.groups}
 M32 = 0xFFFF_FFFF
 # Half the draws come from a few registers per group, so sequences revisit
@@ -117,6 +118,14 @@ def machine(names: st.SearchStrategy[str], masks: st.SearchStrategy[int]) -> typ
         def write(self, name: str, value: int) -> None:
             if name == "msr":
                 value &= ~MSR_RESERVED          # refusals are tested in test_cache_unit
+            if name in INTENT:
+                # A write-1-to-set/clear register takes no plain value: the bits that
+                # differ become OR/CLEAR transfers, sent at once (test_onereg_watchdog).
+                set_, clear = value & ~self.K[name], ~value & self.K[name] & M32
+                self.vcpu.regs.clear_bits(name, clear)
+                self.vcpu.regs.set_bits(name, set_)
+                self.K[name] = (self.K[name] & ~clear) | set_
+                return
             self.vcpu.regs[name] = value
             self.E[name] = value
             self.observe_writes()

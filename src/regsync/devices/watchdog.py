@@ -76,6 +76,21 @@ class Watchdog:
     def armed(self) -> bool:
         return self._deadline is not None
 
+    def save_state(self) -> dict[str, float | int | None]:
+        """For a snapshot: the timeout, the time left (None when disarmed), the owner."""
+        with self._cond:
+            left = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+            return {"timeout": self._timeout, "left": left, "owner": self._owner}
+
+    def load_state(self, state: dict[str, float | int | None]) -> None:
+        """From a snapshot: armed with the time that was left then, or disarmed."""
+        with self._cond:
+            self._timeout = float(state.get("timeout") or 0.0)
+            self._owner = int(state.get("owner") or 0)
+            left = state.get("left")
+            self._deadline = None if left is None else time.monotonic() + float(left)
+            self._cond.notify()
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

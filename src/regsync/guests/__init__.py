@@ -33,6 +33,7 @@ GUESTS: dict[str, str] = {
     "smp": "starts every AP, each prints 'cpu N online', IPI handshake, exits 0",
     "watchdog": "arms a 100 ms watchdog and pets it (argument times, default 20; 0xFFFF never)",
     "spin": "every vCPU spins at spin_loop counting in spin_counters; exits when spin_stop != 0",
+    "reset": "the fast-reset guest: tick at reset_ready, dirties k pages from reset_input, exits 0",
 }
 
 LOAD_ADDR = 0x100000

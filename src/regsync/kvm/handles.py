@@ -144,6 +144,57 @@ class Vm(_Handle):
         """KVM_IRQ_LINE: drive a GSI of the in-kernel irqchip."""
         self._io("KVM_IRQ_LINE", s.kvm_irq_level(irq, level))
 
+    def enable_cap(self, cap: str | int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM (e.g. MANUAL_DIRTY_LOG_PROTECT2 with its mode bits)."""
+        c = s.kvm_enable_cap()
+        c.cap, c.flags = (CAPS[cap] if isinstance(cap, str) else cap), flags
+        for i, a in enumerate(args):
+            c.args[i] = a
+        self._io("KVM_ENABLE_CAP", c)
+
+    # VM-wide state (snapshots). Each getter returns the kernel struct as it is.
+    def get_irqchip(self, chip_id: int) -> s.kvm_irqchip:
+        """KVM_GET_IRQCHIP: PIC master (0), PIC slave (1) or IOAPIC (2)."""
+        chip = s.kvm_irqchip()
+        chip.chip_id = chip_id
+        self._io("KVM_GET_IRQCHIP", chip)
+        return chip
+
+    def set_irqchip(self, chip: s.kvm_irqchip) -> None:
+        """KVM_SET_IRQCHIP (chip.chip_id says which)."""
+        self._io("KVM_SET_IRQCHIP", chip)
+
+    def get_pit2(self) -> s.kvm_pit_state2:
+        """KVM_GET_PIT2: the in-kernel i8254's three channels and flags."""
+        st = s.kvm_pit_state2()
+        self._io("KVM_GET_PIT2", st)
+        return st
+
+    def set_pit2(self, st: s.kvm_pit_state2) -> None:
+        """KVM_SET_PIT2."""
+        self._io("KVM_SET_PIT2", st)
+
+    def get_clock(self) -> s.kvm_clock_data:
+        """KVM_GET_CLOCK: the VM's kvmclock (ns) and how it was read."""
+        c = s.kvm_clock_data()
+        self._io("KVM_GET_CLOCK", c)
+        return c
+
+    def set_clock(self, c: s.kvm_clock_data) -> None:
+        """KVM_SET_CLOCK."""
+        self._io("KVM_SET_CLOCK", c)
+
+    def get_dirty_log(self, slot: int, bitmap_addr: int) -> None:
+        """KVM_GET_DIRTY_LOG into the caller's bitmap (one bit per page of the slot).
+        Without manual protection KVM also clears the log and re-protects the pages."""
+        self._io("KVM_GET_DIRTY_LOG", s.kvm_dirty_log(slot, 0, bitmap_addr))
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap_addr: int) -> None:
+        """KVM_CLEAR_DIRTY_LOG (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): re-protect the pages
+        whose bits are set, from first_page (a multiple of 64) for num_pages."""
+        self._io("KVM_CLEAR_DIRTY_LOG",
+                 s.kvm_clear_dirty_log(slot, num_pages, first_page, bitmap_addr))
+
     def create_vcpu(self, vcpu_id: int) -> "Vcpu":
         """KVM_CREATE_VCPU, then map its kvm_run page (the fd is closed if that fails)."""
         fd = self._io("KVM_CREATE_VCPU", vcpu_id)
@@ -309,6 +360,19 @@ class Vcpu(_Handle):
         for i, v in enumerate(debugreg or ()):
             dbg.arch.debugreg[i] = v
         self._io("KVM_SET_GUEST_DEBUG", dbg)
+    def get_cpuid2(self, max_entries: int = 256) -> Any:
+        """KVM_GET_CPUID2: the CPUID this vCPU was given (grown until it fits)."""
+        while True:
+            buf = s.cpuid_buffer(max_entries)
+            try:
+                self._io("KVM_GET_CPUID2", buf)
+                return type(s.cpuid_buffer(buf.nent)).from_buffer_copy(
+                    buf.to_bytes()[:8 + ctypes.sizeof(s.kvm_cpuid_entry2) * buf.nent])
+            except KvmError as e:
+                if e.errno != 7 or max_entries > 4096:  # E2BIG
+                    raise
+                max_entries *= 2
+
 
     def nmi(self) -> None:
         self._io("KVM_NMI")

@@ -73,6 +73,15 @@ TABLE: tuple[Ioctl, ...] = (
     # The same request on a VM fd answers for that VM (KVM_CAP_XSAVE2's size).
     Ioctl("KVM_VM_CHECK_EXTENSION", "vm", _N, 0x03, None, c_name="KVM_CHECK_EXTENSION"),
     Ioctl("KVM_ENABLE_CAP", "vm", _W, 0xa3, s.kvm_enable_cap),
+    # VM-wide state a snapshot saves and restores, and the dirty log for the fast reset.
+    Ioctl("KVM_GET_DIRTY_LOG", "vm", _W, 0x42, s.kvm_dirty_log),
+    Ioctl("KVM_GET_IRQCHIP", "vm", _WR, 0x62, s.kvm_irqchip),
+    Ioctl("KVM_SET_IRQCHIP", "vm", _R, 0x63, s.kvm_irqchip),   # _IOR in the header, as it is
+    Ioctl("KVM_SET_CLOCK", "vm", _W, 0x7b, s.kvm_clock_data),
+    Ioctl("KVM_GET_CLOCK", "vm", _R, 0x7c, s.kvm_clock_data),
+    Ioctl("KVM_GET_PIT2", "vm", _R, 0x9f, s.kvm_pit_state2),
+    Ioctl("KVM_SET_PIT2", "vm", _W, 0xa0, s.kvm_pit_state2),
+    Ioctl("KVM_CLEAR_DIRTY_LOG", "vm", _WR, 0xc0, s.kvm_clear_dirty_log),
     # vCPU fd
     Ioctl("KVM_RUN", "vcpu", _N, 0x80, None),
     Ioctl("KVM_GET_REGS", "vcpu", _R, 0x81, s.kvm_regs),
@@ -116,7 +125,8 @@ CAPS: dict[str, int] = {
     "X86_ROBUST_SINGLESTEP": 51, "ENABLE_CAP": 54, "XSAVE": 55, "XCRS": 56,
     "MAX_VCPUS": 66, "ONE_REG": 70, "TSC_DEADLINE_TIMER": 72, "SYNC_REGS": 74,
     "GUEST_DEBUG_HW_BPS": 119, "GUEST_DEBUG_HW_WPS": 120, "MAX_VCPU_ID": 128,
-    "IMMEDIATE_EXIT": 136, "GET_MSR_FEATURES": 153, "SREGS2": 200, "XSAVE2": 208,
+    "IMMEDIATE_EXIT": 136, "GET_MSR_FEATURES": 153, "MANUAL_DIRTY_LOG_PROTECT2": 168,
+    "DIRTY_LOG_RING": 192, "SREGS2": 200, "XSAVE2": 208,
 }
 
 # GET/SET ioctls that do not move a vCPU's register state: setup (CPUID), guest
@@ -127,7 +137,8 @@ _NOT_REGISTER_STATE = frozenset({
     "KVM_GET_MSR_INDEX_LIST", "KVM_GET_MSR_FEATURE_INDEX_LIST", "KVM_SET_USER_MEMORY_REGION",
     "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_GET_CLOCK", "KVM_SET_CLOCK",
     "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP",
-    "KVM_GET_API_VERSION", "KVM_GET_VCPU_MMAP_SIZE"})
+    "KVM_GET_API_VERSION", "KVM_GET_VCPU_MMAP_SIZE", "KVM_SET_SIGNAL_MASK", "KVM_GET_DIRTY_LOG",
+    "KVM_CLEAR_DIRTY_LOG"})
 
 
 def moves_register_state(name: str) -> bool:

@@ -292,6 +292,73 @@ class _exit_mmio(KvmStruct):
                 ("is_write", c_uint8)]
 
 
+# --- VM-wide state for snapshots: irqchip, PIT, kvmclock, dirty log ----------------
+class kvm_pic_state(KvmStruct):
+    _fields_ = [(n, c_uint8) for n in (
+        "last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select", "poll",
+        "special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi",
+        "special_fully_nested_mode", "init4", "elcr", "elcr_mask")]
+
+
+KVM_IOAPIC_NUM_PINS = 24
+
+
+class kvm_ioapic_state(KvmStruct):
+    # Each redirection entry is a u64 (the C union's ``bits`` view).
+    _fields_ = [("base_address", c_uint64), ("ioregsel", c_uint32), ("id", c_uint32),
+                ("irr", c_uint32), ("pad", c_uint32), ("redirtbl", c_uint64 * KVM_IOAPIC_NUM_PINS)]
+
+
+class _irqchip_union(Union):
+    _fields_ = [("dummy", c_char * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
+class kvm_irqchip(KvmStruct):
+    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", _irqchip_union)]
+
+
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+
+
+class kvm_pit_channel_state(KvmStruct):
+    _fields_ = [("count", c_uint32), ("latched_count", c_uint16), ("count_latched", c_uint8),
+                ("status_latched", c_uint8), ("status", c_uint8), ("read_state", c_uint8),
+                ("write_state", c_uint8), ("write_latch", c_uint8), ("rw_mode", c_uint8),
+                ("mode", c_uint8), ("bcd", c_uint8), ("gate", c_uint8),
+                ("count_load_time", ctypes.c_int64)]
+
+
+class kvm_pit_state2(KvmStruct):
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", c_uint32),
+                ("reserved", c_uint32 * 9)]
+
+
+class kvm_clock_data(KvmStruct):
+    _fields_ = [("clock", c_uint64), ("flags", c_uint32), ("pad0", c_uint32),
+                ("realtime", c_uint64), ("host_tsc", c_uint64), ("pad", c_uint32 * 4)]
+
+
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
+
+class kvm_dirty_log(KvmStruct):
+    _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("dirty_bitmap", c_uint64)]
+
+
+class kvm_clear_dirty_log(KvmStruct):
+    _fields_ = [("slot", c_uint32), ("num_pages", c_uint32), ("first_page", c_uint64),
+                ("dirty_bitmap", c_uint64)]
+
+
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+
+
 class _exit_internal(KvmStruct):
     _fields_ = [("suberror", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
 

@@ -385,3 +385,59 @@ class KvmTransport:
         bits, self.deferred = self.deferred, 0
         self.run.kvm_dirty_regs = 0
         return bits
+
+    # --- whole groups as the kernel's bytes (snapshots) -------------------------------
+    def export(self, group: Group) -> bytes:
+        """The group's local copy as the kernel's bytes. The MSR groups become an
+        array of kvm_msr_entry (index, reserved, data), as KVM_SET_MSRS takes them."""
+        local = self._locals[group.name]
+        if isinstance(local, dict):
+            return b"".join(s.kvm_msr_entry(i, 0, v).to_bytes() for i, v in local.items())
+        if isinstance(local, bytearray):
+            return bytes(local)
+        return bytes(local.to_bytes())
+
+    def put(self, group: Group, data: bytes, defer: bool = False) -> bool:
+        """Replace the whole group in KVM with ``data`` (from export). Returns True when
+        it was queued in kvm_dirty_regs (``defer``, a sync group) rather than written.
+
+        Sizes may drift between kernels: short data is padded with zeros, extra
+        bytes dropped (shared/STYLE.md 8). EVENTS is written with every valid-flag
+        the saved state carries plus NMI_PENDING, SIPI_VECTOR and SHADOW, which a
+        restore sets whole (x86.c kvm_vcpu_ioctl_x86_set_vcpu_events: a field whose
+        flag is clear is left as the kernel has it). MSRs go in one KVM_SET_MSRS
+        with TSC, TSC_ADJUST, TSC_DEADLINE last; a short count raises naming the MSR.
+        """
+        name = group.name
+        if name in self.unavailable:
+            raise GroupUnavailable(f"{name}: {self.unavailable[name]}")
+        local, v = self._locals[name], self.vcpu
+        if isinstance(local, dict):
+            entry = ctypes.sizeof(s.kvm_msr_entry)
+            items = [(e.index, e.data) for e in (s.kvm_msr_entry.from_bytes(data[o:o + entry])
+                                                  for o in range(0, len(data), entry))]
+            items.sort(key=lambda it: MSRS_LAST.index(it[0]) + 1 if it[0] in MSRS_LAST else 0)
+            v.set_msrs(items)
+            local.clear()
+            local.update(items)
+            return False
+        if isinstance(local, bytearray):
+            local[:] = data[:len(local)].ljust(len(local), b"\0")
+            if name == "LAPIC":
+                v.set_lapic(local)
+            else:
+                v.set_xsave(local)
+            return False
+        size = ctypes.sizeof(local)
+        ctypes.memmove(ctypes.addressof(local), bytes(data[:size]).ljust(size, b"\0"), size)
+        if name == "EVENTS":
+            local.flags |= (s.KVM_VCPUEVENT_VALID_NMI_PENDING | s.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+                            | s.KVM_VCPUEVENT_VALID_SHADOW)
+        if defer and name in _SYNC_FLAG and self.use_sync_regs:
+            self.defer(group.bit)
+            return True
+        if name == "MP_STATE":
+            v.set_mp_state(local.mp_state)
+        else:
+            self._set_by_ioctl(name, local)
+        return False
