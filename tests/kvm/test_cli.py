@@ -77,6 +77,10 @@ BAD_INPUT: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("regs-arg-negative", lambda t: ["regs", "hello", "--arg", "-5"], "--arg"),
     ("mem-too-big", lambda t: ["run", "hello", "--mem", "5000"], "mem"),
     ("level-unknown", lambda t: ["regs", "hello", "--level", "nope"], "unknown level"),
+    ("no-command", lambda t: [], "command"),
+    ("serial-unwritable", lambda t: ["run", "hello", "--serial", str(t / "no" / "such")],
+     "--serial"),
+    ("wait-without-gdb", lambda t: ["run", "hello", "--wait"], "--wait"),
 ]
 
 
