@@ -414,7 +414,7 @@ def test_cli_run_gdb_wait_stops_before_the_first_instruction() -> None:
 
 
 @pytest.mark.parametrize("mode,addr,arch,pc", [
-    ("real", 0x8000, "i8086", "eip"), ("protected", 0x100000, "i386", "eip"),
+    ("real", 0xA000, "i8086", "eip"), ("protected", 0x100000, "i386", "eip"),
 ])
 def test_layout_follows_the_mode_at_the_first_stop(mode: str, addr: int, arch: str,
                                                    pc: str) -> None:

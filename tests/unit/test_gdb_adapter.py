@@ -69,6 +69,7 @@ class FakeMachine:
         self.fatal = None
         self.stopped_from: list[int] = []
         self.stopped_with: int | None = None
+        self.paused = True              # the usual --wait start: nothing ran yet
 
     def run_on_cpu(self, v: Any, fn: Callable[[], Any], timeout: float = 0) -> Any:
         return fn()
@@ -137,8 +138,12 @@ def test_slots_run_out_and_duplicates_share_one() -> None:
 
 def test_watchpoints_refused_without_the_probe_and_encoded_with_it() -> None:
     t, _, _ = make(HW_ONLY)
-    with pytest.raises(Unsupported):
+    said: list[str] = []
+    t.say = said.append
+    with pytest.raises(TargetError, match="data breakpoints do not fire on this host") as e:
         t.insert_breakpoint(2, 0x1000, 8)
+    assert e.value.errno_value == errno.EOPNOTSUPP
+    assert said and "watchpoint at 0x1000 refused" in said[0]     # the VMM's console
     t, m, _ = make(ALL)
     with pytest.raises(Unsupported):
         t.insert_breakpoint(3, 0x1000, 8)               # x86 has no read-only watch

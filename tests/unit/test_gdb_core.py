@@ -413,7 +413,8 @@ def test_breakpoints() -> None:
     assert ask1(core, b"Z0,2000,1;X2,0a") == b"OK"  # conditions ignored
     assert ask1(core, b"Z4,1000,8") == b""  # target: unsupported
     assert ask1(core, b"Z9,1000,1") == b""  # unknown type
-    assert ask1(core, b"Z1,dead,1") == b"E1c"  # ENOSPC
+    # ENOSPC with its message, in the E.<code>.<text> form gdb 13 prints for Z1
+    assert ask1(core, b"Z1,dead,1") == b"E.ENOSPC.no debug registers left"
     assert ask1(core, b"Z1,1000") == b"E16"
 
 
@@ -534,3 +535,104 @@ def test_current_thread_follows_stop_and_Hg() -> None:
     assert core.current_thread == 3
     ask1(core, b"Hg2")
     assert core.current_thread == 2
+
+
+# --- issue 13: physical memory, scans, messages ------------------------------------------
+
+
+class PhysTarget(FakeTarget):
+    """FakeTarget plus 64 KiB of guest-physical memory distinct from the virtual pages."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.phys = bytearray(0x10000)
+
+    def read_physical(self, addr: int, length: int) -> bytes:
+        if addr + length > len(self.phys):
+            raise TargetError(errno.EFAULT, f"{addr:#x}+{length:#x} is outside guest RAM")
+        return bytes(self.phys[addr:addr + length])
+
+    def write_physical(self, addr: int, data: bytes) -> None:
+        if addr + len(data) > len(self.phys):
+            raise TargetError(errno.EFAULT, "outside guest RAM")
+        self.phys[addr:addr + len(data)] = data
+
+    def monitor(self, command: str) -> str:
+        if command == "bad":
+            raise TargetError(errno.EINVAL, "unknown monitor command 'bad'")
+        return super().monitor(command)
+
+
+def phys_core() -> tuple[StubCore, PhysTarget]:
+    target = PhysTarget()
+    return StubCore(target, initial_stop=StopEvent(tid=1)), target
+
+
+def test_phymemmode_packets_as_qemu_answers_them() -> None:
+    core, t = phys_core()
+    t.map(0x2000, b"virt")
+    t.phys[0x2000:0x2004] = b"phys"
+    assert ask1(core, b"qqemu.Supported") == b"PhyMemMode"
+    assert ask1(core, b"qqemu.PhyMemMode") == b"0"
+    assert ask1(core, b"m2000,4") == b"virt".hex().encode()
+    assert ask1(core, b"Qqemu.PhyMemMode:") == b"E22"          # no value: QEMU's E22
+    assert ask1(core, b"Qqemu.PhyMemMode:1") == b"OK"
+    assert ask1(core, b"qqemu.PhyMemMode") == b"1"
+    assert ask1(core, b"m2000,4") == b"phys".hex().encode()
+    assert ask1(core, b"M2000,2:4142") == b"OK" and t.phys[0x2000:0x2002] == b"AB"
+    assert ask1(core, b"Xfffe,4:abcd") == b"E0e" and t.phys[0xFFFE:] == b"\0\0"
+    assert ask1(core, b"Qqemu.PhyMemMode:0") == b"OK"
+    assert ask1(core, b"m2000,4") == b"virt".hex().encode()
+    fresh, _ = phys_core()                      # each connection starts virtual
+    assert ask1(fresh, b"qqemu.PhyMemMode") == b"0"
+
+
+def test_qcrc_is_gdbs_crc32_over_the_current_memory_mode() -> None:
+    from regsync.gdb.core import crc32_gdb
+    assert crc32_gdb(b"123456789") == 0x0376E6E7     # CRC-32/MPEG-2 check value
+    core, t = phys_core()
+    data = bytes(range(256)) * 0x200                 # crosses the 64 KiB scan chunks
+    t.map(0x10000, data)
+    assert ask1(core, b"qCRC:10000,%x" % len(data)) == b"C%x" % crc32_gdb(data)
+    assert ask1(core, b"qCRC:ffff0000,10") == b"E0e"
+    assert ask1(core, b"qCRC:0,80000000") == b"E%02x" % errno.E2BIG
+    t.phys[0x100:0x104] = b"abcd"
+    ask1(core, b"Qqemu.PhyMemMode:1")
+    assert ask1(core, b"qCRC:100,4") == b"C%x" % crc32_gdb(b"abcd")
+
+
+def test_qsearch_memory_finds_a_pattern_across_chunk_boundaries() -> None:
+    core, t = phys_core()
+    blob = bytearray(0x20000)
+    blob[0xFFFE:0x10002] = b"NEED"                   # straddles the first chunk's end
+    blob[0x1FFF0:0x1FFF4] = b"a}#b"                  # bytes that need escaping on the wire
+    t.map(0x40000, bytes(blob))
+    assert ask1(core, b"qSearch:memory:40000;20000;NEED") == b"1,%x" % (0x40000 + 0xFFFE)
+    # encode_packet escapes } and # on the wire; the core sees the bytes themselves
+    assert ask1(core, b"qSearch:memory:40000;20000;a}#b") == b"1,%x" % (0x40000 + 0x1FFF0)
+    assert ask1(core, b"qSearch:memory:40000;20000;nowhere") == b"0"
+    assert ask1(core, b"qSearch:memory:0;10;x") == b"E0e"
+    assert ask1(core, b"qSearch:other:0;10;x") == b""
+
+
+def test_refusal_messages_where_gdb_shows_them() -> None:
+    core, _ = phys_core()
+    # gdb 13: Z refusals carry E.<code>.<text>; monitor errors go out as console text.
+    assert ask1(core, b"Z1,dead,1") == b"E.ENOSPC.no debug registers left"
+    out = ask(core, b"qRcmd," + b"bad".hex().encode())
+    assert out == [b"O" + b"unknown monitor command 'bad'\n".hex().encode(), b"E16"]
+    assert ask1(core, b"m0,4") == b"E0e"            # memory stays E nn for gdb 13
+    # A gdb that announces error-message+ (gdb 15) gets E.text everywhere.
+    core, _ = phys_core()
+    ask1(core, b"qSupported:multiprocess+;error-message+")
+    assert ask1(core, b"Z1,dead,1") == b"E.no debug registers left"
+    assert ask1(core, b"qRcmd," + b"bad".hex().encode()) == b"E.unknown monitor command 'bad'"
+    assert ask1(core, b"m0,4") == b"E.unmapped"
+
+
+def test_packet_counters() -> None:
+    core, _ = phys_core()
+    ask1(core, b"qqemu.PhyMemMode")
+    ask1(core, b"m0,1")
+    ask1(core, b"m0,1")
+    assert core.packets == 3 and core.by_packet == {"qqemu.PhyMemMode": 1, "m": 2}

@@ -122,3 +122,46 @@ def test_ranges_split_at_pages_and_fault_lazily() -> None:
     assert next(it) == (0xCFF8, 8)
     with pytest.raises(PageFault):
         next(it)
+
+
+# --- every mapping (monitor info mem / info tlb) ------------------------------------------
+
+
+def test_mappings_list_every_leaf_in_order_with_rights_anded_over_levels() -> None:
+    from regsync.gdb.pagewalk import mappings
+    mem = Mem()
+    pg = long4(mem)
+    mem.put(0x4000 + 6 * 8, 0xA000 | P | W | 4)     # 0x6000 -> 0xa000, writable, user
+    got = [(m.vaddr, m.paddr, m.size, m.writable, m.user) for m in mappings(mem.read, pg)]
+    upper = 0xFFFF_8000_0000_0000
+    assert got == [
+        (0x5000, 0x9000, 0x1000, False, False),        # PD[0] has no W: read-only below it
+        (0x6000, 0xA000, 0x1000, False, False),        # W|U in the PTE alone do not count
+        (0x20_0000, 0x60_0000, 0x20_0000, False, False),   # NX bit not in the address
+        (0x4000_0000, 0x4000_0000, 0x4000_0000, False, False),
+        (upper + 0x5000, 0x9000, 0x1000, False, False),    # canonical, sign-extended
+        (upper + 0x6000, 0xA000, 0x1000, False, False),
+        (upper + 0x20_0000, 0x60_0000, 0x20_0000, False, False),
+        (upper + 0x4000_0000, 0x4000_0000, 0x4000_0000, False, False),
+    ]
+    nx = [m for m in mappings(mem.read, pg) if m.vaddr == 0x20_0000][0]
+    assert nx.pte >> 63 == 1
+
+
+def test_mappings_in_32bit_and_pae_modes_and_none_without_paging() -> None:
+    from regsync.gdb.pagewalk import mappings
+    mem = Mem()
+    mem.put(0x1000, 0x40_0000 | P | W | PS, 4)          # 4 MiB page at 0
+    mem.put(0x1004, 0x2000 | P | W | 4, 4)              # PD[1] -> PT at 0x2000
+    mem.put(0x2000 + 3 * 4, 0x7000 | P | W | 4, 4)      # 0x403000 -> 0x7000, user, rw
+    pg = Paging(cr0=PG_PE, cr3=0x1000, cr4=PSE, efer=0)
+    got = [(m.vaddr, m.paddr, m.size, m.writable, m.user) for m in mappings(mem.read, pg)]
+    assert got == [(0, 0x40_0000, 0x40_0000, True, False),
+                   (0x40_3000, 0x7000, 0x1000, True, True)]
+    mem = Mem()
+    mem.put(0x1000 + 8, 0x3000 | P)                       # PDPTE 1: no rights bits in PAE
+    mem.put(0x3000 + 2 * 8, 0x80_0000 | P | W | PS)       # 2 MiB page
+    pae = Paging(cr0=PG_PE, cr3=0x1000, cr4=PAE, efer=0)
+    got = [(m.vaddr, m.paddr, m.size, m.writable) for m in mappings(mem.read, pae)]
+    assert got == [((1 << 30) + (2 << 21), 0x80_0000, 0x20_0000, True)]
+    assert list(mappings(mem.read, Paging(cr0=1, cr3=0x1000, cr4=0, efer=0))) == []

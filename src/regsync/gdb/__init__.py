@@ -25,7 +25,7 @@ from .target import (
 )
 from .targetxml import (
     I386_LAYOUT, I8086_LAYOUT, X86_64_LAYOUT, GdbRegister, RegisterLayout,
-    register_bytes, register_updates, register_value,
+    register_bytes, register_updates, register_value, x86_64_layout,
 )
 
 __all__ = [
@@ -34,5 +34,5 @@ __all__ = [
     "LocalProtocolError", "Nack", "Packet", "RegisterLayout", "SIGINT",
     "SIGTRAP", "StopEvent", "StubCore", "Target", "TargetBase", "TargetError",
     "Unsupported", "X86_64_LAYOUT", "encode_packet", "register_bytes",
-    "register_updates", "register_value",
+    "register_updates", "register_value", "x86_64_layout",
 ]

@@ -39,6 +39,20 @@ Stepping
 ``vCont;s:N;c`` steps vCPU N with the others held ("alone", like gdb's
 ``scheduler-locking step``, the default) or running ("all"): ``monitor
 step-mode all|alone``.
+
+Sessions
+--------
+Only ``D`` (detach) lets the guest go and only ``k`` ends it.  A client that
+vanishes (EOF, reset, a port probe) is :meth:`MachineTarget.vanish`: its
+breakpoints go, and the guest is left as it was -- running if it runs,
+stopped if it is stopped -- except that the stop the connection itself made
+(attach) is undone when the guest ran before that client came and the client
+never resumed it.  So ``--wait`` keeps waiting through a ``nc -z`` probe, a
+guest left at a breakpoint by a crashed gdb is still there for the next one
+(which is told the same stop), and a running guest is never held by a probe.
+
+Monitor commands live in :mod:`.monitor` (a table); vector registers come
+from the catalog's XSAVE group where the vCPU's CPUID leaf 0xD holds them.
 """
 
 from __future__ import annotations
@@ -58,6 +72,8 @@ from ..kvm import structs as ks
 from ..memory import GuestMemoryError
 from ..vmm import EXIT_FATAL, EXIT_WATCHDOG, RunState, VcpuStopped
 from .pagewalk import PageFault, Paging, ranges
+from ..arch.x86_64.catalog import XSAVE_COMPONENTS
+from .monitor import run_monitor
 from .probe import (DR7_FIXED, LEN_BITS as _LEN_BITS, RW_ACCESS as _RW_ACCESS,
                     RW_EXEC as _RW_EXEC, RW_WRITE as _RW_WRITE, ZERO_DRS as _ZERO_DRS,
                     DebugCaps, probe_debug_caps)
@@ -66,8 +82,8 @@ from .target import (
     SIGTRAP, Action, StopEvent, TargetBase, TargetError, Unsupported,
 )
 from .targetxml import (
-    I386_LAYOUT, I8086_LAYOUT, X86_64_LAYOUT, GdbRegister, RegisterLayout, register_bytes,
-    register_updates, value_to_bytes,
+    I386_LAYOUT, I8086_LAYOUT, GdbRegister, RegisterLayout, register_bytes, register_updates,
+    value_to_bytes, x86_64_layout,
 )
 
 if TYPE_CHECKING:
@@ -88,6 +104,29 @@ DR7_GE = 1 << 9
 #: their registers at a stop costs no ioctl.
 _FREE_GROUPS = frozenset({"REGS", "SREGS"})
 _SNAP_REGS = ("rip", "rsp", "rbp", "cr0", "cr3", "cr4", "efer")
+
+
+def xsave_components(machine: "Machine") -> frozenset[str]:
+    """The XSAVE components (catalog XSAVE_COMPONENTS names) this machine's vCPUs hold.
+
+    A component counts when KVM's supported CPUID lists it in leaf 0xD sub-leaf 0
+    (EAX, the XCR0 bits it supports) and sub-leaf <bit> puts it at the catalog's
+    standard-format offset and size (EBX, EAX): the catalog's offsets are checked
+    against this host rather than trusted (Machine gives each vCPU this CPUID)."""
+    kvm = getattr(machine, "kvm", None)
+    if kvm is None:                      # a stand-in machine (unit tests): x87/SSE only
+        return frozenset()
+    cpuid = kvm.supported_cpuid()
+    leaf = {(e.function, e.index): e for e in cpuid.entries[:cpuid.nent] if e.function == 0xD}
+    base = leaf.get((0xD, 0))
+    if base is None:
+        return frozenset()
+    found = set()
+    for name, (bit, offset, size) in XSAVE_COMPONENTS.items():
+        sub = leaf.get((0xD, bit))
+        if base.eax >> bit & 1 and sub is not None and (sub.ebx, sub.eax) == (offset, size):
+            found.add(name)
+    return frozenset(found)
 
 
 def register_ioctls(counters: dict[str, int]) -> int:
@@ -149,6 +188,14 @@ class MachineTarget(TargetBase):
         self.current_thread: Callable[[], int] = lambda: 1
         self.step_mode = "alone"
         self.stats = StubStats()
+        #: One-line notices for the VMM's console (the server prints them).
+        self.say: Callable[[str], None] = lambda text: None
+        comps = xsave_components(machine)
+        self._vector = ("AVX" in comps,
+                        {"OPMASK", "ZMM_HI256", "HI16_ZMM"} <= comps)
+        self._last_event: StopEvent | None = None   # the stop gdb was last told
+        self._ran_before_attach = False
+        self._resumed_since_attach = False
         self._lock = threading.Lock()
         self._state = "detached"
         self._gen = 0
@@ -215,17 +262,34 @@ class MachineTarget(TargetBase):
         s = self._snapshot(tid)
         return Paging(s["cr0"], s["cr3"], s["cr4"], s["efer"])
 
+    def paging_of(self, tid: int) -> Paging:
+        """The paging registers of ``tid`` at this stop (monitor info mem/tlb)."""
+        return self._paging(tid)
+
     # --- connection lifecycle (server thread) ------------------------------------------
     def attach(self) -> StopEvent:
-        """gdb connected: stop the machine (if it runs) and report thread 1."""
+        """gdb connected: stop the machine (if it runs) and report the stop.
+
+        A guest still held at a stop a vanished client saw is reported as that
+        stop (same thread, same reason); otherwise thread 1 with SIGTRAP."""
         with self._lock:
+            held = self._state == "held"
             self._state = "stopping"
             self._gen += 1
+        self._ran_before_attach = not held and not self.m.paused
+        self._resumed_since_attach = False
         self._pause()
         with self._lock:
             self._state = "stopped"
         self._forget()
+        last = self._last_event
+        if held and last is not None and last.tid in self.threads():
+            return StopEvent(last.tid, last.signal, last.reason, last.address)
         return StopEvent(tid=1, signal=SIGTRAP)
+
+    def reported(self, event: StopEvent) -> None:
+        """The server told gdb about ``event`` (kept for a reconnecting gdb)."""
+        self._last_event = event
 
     def _pause(self, vids: set[int] | None = None) -> None:
         """Pause the vCPUs ``vids`` (default all) and wait until they are
@@ -340,7 +404,7 @@ class MachineTarget(TargetBase):
         if not cr0 & 1:
             return I8086_LAYOUT
         if efer & (1 << 10) and cs_attr & (1 << 13):
-            return X86_64_LAYOUT
+            return x86_64_layout(*self._vector)
         return I386_LAYOUT
 
     def _prefix(self, layout: RegisterLayout) -> int:
@@ -387,6 +451,39 @@ class MachineTarget(TargetBase):
         mem = self.m.memory
         return lambda gpa, n: int.from_bytes(mem.read(gpa, n), "little")
 
+    def phys_reader(self) -> Callable[[int, int], int]:
+        """Reads n bytes of guest RAM at a physical address as an int (page walks)."""
+        return self._phys_reader()
+
+    def _check_ram(self, pieces: list[tuple[int, int]]) -> None:
+        """Refuse the whole access unless every piece is guest RAM (no partial writes)."""
+        for gpa, n in pieces:
+            try:
+                self.m.memory.read(gpa, n)
+            except GuestMemoryError:
+                raise TargetError(errno.EFAULT, f"guest-physical {gpa:#x}+{n:#x} is outside "
+                                                f"guest RAM") from None
+
+    def read_physical(self, addr: int, length: int) -> bytes:
+        """Guest-physical memory (Qqemu.PhyMemMode, monitor xp); gdb's int3s hidden."""
+        self._check_ram([(addr, length)])
+        out = bytearray(self.m.memory.read(addr, length))
+        for gpa, orig in self.sw.values():
+            if addr <= gpa < addr + length:
+                out[gpa - addr] = orig
+        return bytes(out)
+
+    def write_physical(self, addr: int, data: bytes) -> None:
+        """Write guest-physical memory, all of it or (outside RAM) none of it."""
+        self._check_ram([(addr, len(data))])
+        buf = bytearray(data)
+        for vaddr, (gpa, _) in list(self.sw.items()):   # keep our int3, update what it hides
+            if addr <= gpa < addr + len(data):
+                self.sw[vaddr] = (gpa, buf[gpa - addr])
+                buf[gpa - addr] = 0xCC
+        self.m.memory.write(addr, bytes(buf))
+        self._tlb.clear()
+
     def _pieces(self, tid: int, addr: int, length: int) -> list[tuple[int, int]]:
         if 0 < (addr & 0xFFF) + length <= 0x1000 and 0 <= addr < 1 << 64:
             # gdb reads the same few pages many times per stop: cache the walk
@@ -420,6 +517,7 @@ class MachineTarget(TargetBase):
 
     def write_memory(self, tid: int, addr: int, data: bytes) -> None:
         pieces = self._pieces(tid, addr, len(data))
+        self._check_ram(pieces)          # all pages translated and in RAM before any write
         buf = bytearray(data)
         for bp, (gpa, _) in list(self.sw.items()):  # keep our int3, update what it hides
             if addr <= bp < addr + len(data):
@@ -447,7 +545,12 @@ class MachineTarget(TargetBase):
             raise Unsupported()             # x86 has no read-only data breakpoint
         else:
             if not self.caps.watchpoints:
-                raise Unsupported()         # the probe saw no data breakpoint fire
+                # gdb 13 prints only "Could not insert hardware watchpoint" whatever we
+                # reply (module docstring of .core): the VMM's console says why.
+                why = (f"data breakpoints do not fire on this host ({self.caps.watch_detail}); "
+                       "'set can-use-hw-watchpoints 0' in gdb gives software watchpoints")
+                self.say(f"watchpoint at {addr:#x} refused: {why}")
+                raise TargetError(errno.EOPNOTSUPP, why)
             if length not in _LEN_BITS or addr % length:
                 raise TargetError(errno.EINVAL, "watch 1, 2, 4 or 8 aligned bytes")
             rw, size = (_RW_WRITE if kind == BP_WRITE_WATCH else _RW_ACCESS), length
@@ -540,6 +643,7 @@ class MachineTarget(TargetBase):
         with self._lock:
             self._state = "running"
             self._gen += 1
+        self._resumed_since_attach = True
         self._ran = set(plan)
         self._forget(self._ran)
         self.m.resume(plan)
@@ -559,6 +663,11 @@ class MachineTarget(TargetBase):
             self._state = "detached"
             self._gen += 1
         self._pause()                # a consistent point: no stop half-way through
+        self._clear_debug()
+        self._ran = {v.id for v in self.m.vcpus}
+        self.m.resume_all()
+
+    def _clear_debug(self) -> None:
         for addr in list(self.sw):
             self._remove_sw(addr)
         self.slots = [None] * NSLOTS
@@ -568,8 +677,32 @@ class MachineTarget(TargetBase):
             except TargetError:
                 pass
         self._forget()
-        self._ran = {v.id for v in self.m.vcpus}
-        self.m.resume_all()
+
+    def vanish(self) -> None:
+        """The client went away without D or k: drop its breakpoints, leave the run state.
+
+        Running stays running. Stopped stays stopped ("held" for the next gdb),
+        unless the only stop was the one attaching made to a guest that was
+        running and this client never resumed it: that stop is undone."""
+        with self._lock:
+            state = self._state
+            self._gen += 1
+            if state in ("running", "stopping") and self._resumed_since_attach:
+                self._state = "detached"
+            elif self._ran_before_attach and not self._resumed_since_attach:
+                self._state = "detached"
+            else:
+                self._state = "held"
+        self._pause()
+        self._clear_debug()
+        if self._state == "detached":
+            self._ran = {v.id for v in self.m.vcpus}
+            self.m.resume_all()
+
+    def system_reset(self) -> None:
+        """Every vCPU to its power-on state, the image reloaded (monitor system_reset)."""
+        self.m.reset()
+        self._forget()
 
     def kill(self) -> None:
         with self._lock:
@@ -579,31 +712,11 @@ class MachineTarget(TargetBase):
 
     # --- monitor ------------------------------------------------------------------------
     def monitor(self, command: str) -> str:
-        words = command.split()
-        if words in (["info", "sync"], ["sync"]):
-            return self._info_sync()
-        if words == ["regs"]:
-            from ..regdump import format_dump
-            v = self._vcpu(self.current_thread())
-            return f"vCPU {v.id}:\n" + format_dump(self._call(v, v.regs.dump)) + "\n"
-        if words in (["info", "bp"], ["info", "breakpoints"]):
-            return self._info_bp()
-        if words == ["stats"]:
-            return json.dumps(self.stats_dict()) + "\n"
-        if words[:1] == ["step-mode"]:
-            if len(words) == 2 and words[1] in ("alone", "all"):
-                self.step_mode = words[1]
-            return f"step-mode {self.step_mode}: a step runs " + (
-                "only the stepping vCPU\n" if self.step_mode == "alone"
-                else "the other vCPUs too (when gdb asks)\n")
-        return ("regsync monitor commands:\n"
-                "  info sync      per vCPU: exits, ioctls by name, register cache work\n"
-                "  regs           every register of the current thread (the ALL dump)\n"
-                "  info bp        breakpoints and debug-register slots\n"
-                "  step-mode [alone|all]  whether other vCPUs run during a step\n"
-                "  stats          the counters above as JSON\n")
+        """One ``monitor`` line: the table in :mod:`.monitor` (errors name the problem)."""
+        return run_monitor(self, command)
 
-    def _info_sync(self) -> str:
+    def info_sync(self) -> str:
+        """monitor info sync: per vCPU exits, ioctls, cache work; the stub's stops."""
         lines = []
         for v in self.m.vcpus:
             st = v.stats
@@ -633,7 +746,8 @@ class MachineTarget(TargetBase):
             "stop_ioctls": [list(x) for x in s.stop_ioctls], "step_mode": self.step_mode,
         }
 
-    def _info_bp(self) -> str:
+    def info_bp(self) -> str:
+        """monitor info bp: slots in use, software breakpoints, what this host can do."""
         lines = []
         used = 0
         for i, slot in enumerate(self.slots):

@@ -11,10 +11,27 @@ Peer misbehaviour never raises: it is answered with ``E nn`` (``E16``
 EINVAL for malformed requests, ``E0e`` EFAULT for memory) or an empty reply
 ("unsupported").  Misuse of this API by the server raises
 :class:`~regsync.gdb.target.LocalProtocolError`.
+
+Refusals that carry a message reach the user where the protocol lets them
+(gdb's remote.c, gdb 13.1): a gdb that announces ``error-message+`` in
+qSupported (gdb 15 and later) gets ``E.text`` for every refusal; older gdbs
+print the text of ``E.<code>.<text>`` only for a refused ``Z1``
+(remote_target::insert_hw_breakpoint, "Remote failure reply: ...") and
+ignore it for watchpoints (insert_watchpoint returns -1 whatever the text),
+so those replies carry it anyway.  A refused ``monitor`` command sends its
+message as console output (``O``) before the error, which gdb prints.
+
+Physical memory: ``Qqemu.PhyMemMode:1`` switches m/M/X (and qCRC,
+qSearch:memory) to guest-physical addresses, ``qqemu.PhyMemMode`` reports the
+mode -- QEMU's packets (gdbstub/gdbstub.c gdb_gen_query_table/gdb_gen_set_table,
+gdbstub/system.c gdb_handle_{query,set}_qemu_phy_mem_mode).  QEMU keeps the
+mode in a global that outlives the connection; here each connection starts in
+virtual mode, so a new gdb never inherits a surprise.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import re
 from typing import Callable
@@ -29,12 +46,43 @@ from .target import (
 )
 from .targetxml import GdbRegister, RegisterLayout
 
-__all__ = ["StubCore"]
+__all__ = ["StubCore", "crc32_gdb"]
 
 Reply = bytes | list[bytes] | None  # None: no reply (resume, k)
 
 _E_INVAL = b"E%02x" % errno.EINVAL
+#: QEMU's reply to Qqemu.PhyMemMode without a value (gdb_handle_set_qemu_phy_mem_mode).
+_E_QEMU_NO_PARAM = b"E22"
+#: Refusals whose text gdb 13 shows from an ``E.<code>.<text>`` reply (see above).
+_TEXT_IN_E_DOT = frozenset({b"Z"})
+#: qCRC / qSearch:memory read the target in chunks of this size.
+_SCAN_CHUNK = 0x10000
+#: Largest range qCRC / qSearch:memory accept (a kernel image fits; more is a typo).
+_SCAN_LIMIT = 1 << 30
 _NAME = re.compile(rb"[^:,;]*")
+
+
+def _crc_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i << 24
+        for _ in range(8):
+            c = ((c << 1) ^ 0x04C11DB7) if c & 0x80000000 else c << 1
+        table.append(c & 0xFFFFFFFF)
+    return table
+
+
+_CRC_TABLE = _crc_table()
+
+
+def crc32_gdb(data: bytes, crc: int = 0xFFFFFFFF) -> int:
+    """The CRC qCRC answers: gdb's xcrc32 (libiberty/crc32.c, called by
+    gdb/remote.c compare_sections_command): polynomial 0x04c11db7, MSB first,
+    no reflection, no final xor; start from 0xffffffff."""
+    table = _CRC_TABLE
+    for b in data:
+        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[(crc >> 24) ^ b]
+    return crc
 
 
 class StubCore:
@@ -68,6 +116,10 @@ class StubCore:
         self._pending_threads: list[bytes] = []
         self._last_sent = b""
         self._peer_features: set[bytes] = set()
+        self._physical = False          # Qqemu.PhyMemMode
+        #: Packets handled on this connection, in all and by name (the server's records).
+        self.packets = 0
+        self.by_packet: collections.Counter[str] = collections.Counter()
         self._handlers: dict[bytes, Callable[[bytes], Reply]] = {
             b"?": self._h_why, b"g": self._h_g, b"G": self._h_G, b"p": self._h_p,
             b"P": self._h_P, b"m": self._h_m, b"H": self._h_H,
@@ -83,6 +135,10 @@ class StubCore:
             b"qThreadExtraInfo": self._q_extra, b"qRcmd": self._q_rcmd,
             b"qXfer": self._q_xfer, b"vCont?": lambda a: b"vCont;c;C;s;S;t",
             b"vCont": self._v_cont, b"vKill": lambda a: self._kill(b"OK"),
+            b"qqemu.Supported": lambda a: b"PhyMemMode",
+            b"qqemu.PhyMemMode": lambda a: b"1" if self._physical else b"0",
+            b"Qqemu.PhyMemMode": self._set_phys_mode,
+            b"qCRC": self._q_crc, b"qSearch": self._q_search,
         }
 
     # --- public API ------------------------------------------------------
@@ -172,17 +228,29 @@ class StubCore:
         return self._last_sent
 
     def _handle(self, payload: bytes) -> list[bytes]:
+        self.packets += 1
         try:
             reply = self._dispatch(payload)
         except ValueError:  # PacketError included: malformed request
             reply = _E_INVAL
         except TargetError as exc:
-            reply = b"E%02x" % (exc.errno_value & 0xFF)
+            reply = self._error_reply(payload[:1], exc)
         except Unsupported:
             reply = b""
         if reply is None:
             return []
         return reply if isinstance(reply, list) else [reply]
+
+    def _error_reply(self, head: bytes, exc: TargetError) -> bytes:
+        """``E nn``, or the message where gdb shows it (module docstring)."""
+        text = exc.message.encode("ascii", "replace").replace(b"#", b"?").replace(b"$", b"?")
+        text = text.replace(b"}", b"?").replace(b"*", b"?")
+        if text and b"error-message+" in self._peer_features:
+            return b"E." + text
+        if text and head in _TEXT_IN_E_DOT:
+            name = errno.errorcode.get(exc.errno_value, "E%d" % exc.errno_value)
+            return b"E." + name.encode() + b"." + text
+        return b"E%02x" % (exc.errno_value & 0xFF)
 
     def _dispatch(self, payload: bytes) -> Reply:
         head = payload[:1]
@@ -191,6 +259,7 @@ class StubCore:
             args = payload[len(name) + 1 :]
         else:
             name, args = head, payload[1:]
+        self.by_packet[name.decode("ascii", "replace")] += 1
         handler = self._handlers.get(name)
         # Unknown packets (qOffsets, qSymbol, qTStatus, vMustReplyEmpty...)
         # get the empty reply, which gdb reads as "not supported".
@@ -410,6 +479,8 @@ class StubCore:
         addr, length = parse_addr_len(args)
         # Short reads are allowed; hex doubles the size, so cap it.
         length = min(length, (self.packet_size - 4) // 2)
+        if self._physical:
+            return hex_bytes(self.target.read_physical(addr, length))
         tid = self._resolve(self._g_thread)
         try:
             data = self.target.read_memory(tid, addr, length)
@@ -431,9 +502,61 @@ class StubCore:
         data = payload if binary else unhex(payload)
         if len(data) != length:
             raise PacketError("length does not match data")
-        if data:  # X with length 0 is gdb probing for X support
+        if data and self._physical:
+            self.target.write_physical(addr, data)
+        elif data:  # X with length 0 is gdb probing for X support
             self.target.write_memory(self._resolve(self._g_thread), addr, data)
         return b"OK"
+
+    def _set_phys_mode(self, args: bytes) -> Reply:
+        # QEMU: schema "l0" (a hex number), none -> E22, zero -> virtual, else physical.
+        if not args:
+            return _E_QEMU_NO_PARAM
+        self._physical = parse_hex(args) != 0
+        return b"OK"
+
+    def _read_any(self, addr: int, length: int) -> bytes:
+        """Memory in the current mode (virtual through the thread's page tables, or physical)."""
+        if self._physical:
+            return self.target.read_physical(addr, length)
+        return self.target.read_memory(self._resolve(self._g_thread), addr, length)
+
+    def _scan_range(self, args: bytes) -> tuple[int, int]:
+        addr, length = parse_addr_len(args)
+        if length > _SCAN_LIMIT:
+            raise TargetError(errno.E2BIG, f"range of {length:#x} bytes is over the "
+                                           f"{_SCAN_LIMIT:#x} limit")
+        return addr, length
+
+    def _q_crc(self, args: bytes) -> Reply:
+        """qCRC:addr,length -> C<crc32> as gdb's compare-sections computes it."""
+        self._need_stopped()
+        addr, length = self._scan_range(args)
+        crc = 0xFFFFFFFF
+        for off in range(0, length, _SCAN_CHUNK):
+            crc = crc32_gdb(self._read_any(addr + off, min(_SCAN_CHUNK, length - off)), crc)
+        return b"C%x" % crc
+
+    def _q_search(self, args: bytes) -> Reply:
+        """qSearch:memory:addr;length;pattern -> 1,addr | 0 (gdb's find command)."""
+        self._need_stopped()
+        kind, _, rest = args.partition(b":")
+        fields = rest.split(b";", 2)
+        if kind != b"memory" or len(fields) != 3:
+            return b""
+        addr, length = self._scan_range(fields[0] + b"," + fields[1])
+        pattern = fields[2]          # the framer already undid the escapes
+        if not pattern:
+            raise PacketError("empty pattern")
+        carry = b""
+        for off in range(0, length, _SCAN_CHUNK):
+            chunk = self._read_any(addr + off, min(_SCAN_CHUNK, length - off))
+            window = carry + chunk
+            hit = window.find(pattern)
+            if hit >= 0:
+                return b"1,%x" % (addr + off - len(carry) + hit)
+            carry = window[-(len(pattern) - 1):] if len(pattern) > 1 else b""
+        return b"0"
 
     # --- threads -----------------------------------------------------------
 
@@ -495,7 +618,15 @@ class StubCore:
 
     def _q_rcmd(self, args: bytes) -> Reply:
         command = unhex(args).decode("utf-8", "replace")
-        output = self.target.monitor(command).encode("utf-8")
+        try:
+            output = self.target.monitor(command).encode("utf-8")
+        except TargetError as exc:
+            if not exc.message or b"error-message+" in self._peer_features:
+                raise
+            # gdb 13 reads E nn after a qRcmd as "Protocol error with Rcmd": say what
+            # was wrong on its console first (remote_target::rcmd prints O packets).
+            return [b"O" + hex_bytes(f"{exc.message}\n".encode("utf-8")), b"E%02x" % (
+                exc.errno_value & 0xFF)]
         if not output:
             return b"OK"
         text = hex_bytes(output)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 __all__ = [
-    "PAGE_SIZE", "PageFault", "Paging", "translate", "ranges",
+    "PAGE_SIZE", "Mapping", "PageFault", "Paging", "mappings", "translate", "ranges",
 ]
 
 PAGE_SIZE = 0x1000
@@ -152,3 +152,104 @@ def ranges(read: PhysReader, paging: Paging, vaddr: int, length: int) -> Iterato
         yield translate(read, paging, vaddr), chunk
         vaddr += chunk
         length -= chunk
+
+
+# --- enumerating every mapping (monitor info mem / info tlb) -------------------------------
+
+PTE_W = 1 << 1
+PTE_U = 1 << 2
+PTE_NX = 1 << 63
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One present leaf entry: ``size`` bytes at ``vaddr`` map to ``paddr``.
+
+    ``pte`` is the leaf entry as stored; ``writable``/``user`` are the effective
+    rights (ANDed over every level, as the MMU and QEMU's ``mem_info_*`` do)."""
+
+    vaddr: int
+    paddr: int
+    size: int
+    pte: int
+    writable: bool
+    user: bool
+
+
+def _canonical(vaddr: int, bits: int) -> int:
+    """Sign-extend a ``bits``-bit linear address to 64 bits (QEMU's addr_canonical)."""
+    return vaddr | ((1 << 64) - (1 << bits)) if vaddr >> (bits - 1) & 1 else vaddr
+
+
+def _leaf(vaddr: int, paddr: int, size: int, pte: int, rights: int) -> Mapping:
+    return Mapping(vaddr, paddr, size, pte, bool(rights & PTE_W), bool(rights & PTE_U))
+
+
+def mappings(read: PhysReader, paging: Paging) -> Iterator[Mapping]:
+    """Every present mapping in ascending virtual order, in the vCPU's paging mode.
+
+    Follows QEMU's target/i386/monitor.c (tlb_info_32/pae32/la48/la57 and
+    mem_info_*): a not-present entry skips its range; a table outside RAM is
+    skipped too (it cannot be read, the MMU would fault). Empty with paging off."""
+    mode = paging.mode
+    if mode in ("real", "flat"):
+        return
+    if mode == "32bit":
+        yield from _maps_32(read, paging)
+        return
+    if mode == "pae":
+        tables = [((paging.cr3 & 0xFFFF_FFE0) + i * 8, i) for i in range(4)]
+        for gpa, i in tables:
+            pdpte = _try(read, gpa, 8)
+            if pdpte & PTE_P:
+                # PAE PDPTEs carry no R/W or U/S bits: rights start at the PD.
+                yield from _maps_table(read, pdpte & _ADDR_MASK_64, i << 30, ("PD", "PT"),
+                                       PTE_W | PTE_U, 64)
+        return
+    levels = 5 if mode == "long5" else 4
+    names = ("PML5", "PML4", "PDPT", "PD", "PT")[5 - levels:]
+    yield from _maps_table(read, paging.cr3 & _ADDR_MASK_64, 0, names, PTE_W | PTE_U,
+                           12 + 9 * levels)
+
+
+def _try(read: PhysReader, gpa: int, size: int) -> int:
+    try:
+        return read(gpa, size)
+    except Exception:  # noqa: BLE001 - a table outside RAM maps nothing we can show
+        return 0
+
+
+def _maps_table(read: PhysReader, table: int, base: int, names: tuple[str, ...], rights: int,
+                bits: int) -> Iterator[Mapping]:
+    name, rest = names[0], names[1:]
+    shift = 12 + 9 * len(rest)
+    try:
+        entries = [read(table + 8 * i, 8) for i in range(512)]
+    except Exception:  # noqa: BLE001
+        return
+    for i, e in enumerate(entries):
+        if not e & PTE_P:
+            continue
+        va = base + (i << shift)
+        r = rights & e
+        if not rest or (name in ("PDPT", "PD") and e & PTE_PS):
+            mask = (1 << shift) - 1
+            yield _leaf(_canonical(va, bits), e & _ADDR_MASK_64 & ~mask, 1 << shift, e, r)
+        else:
+            yield from _maps_table(read, e & _ADDR_MASK_64, va, rest, r, bits)
+
+
+def _maps_32(read: PhysReader, paging: Paging) -> Iterator[Mapping]:
+    pd = paging.cr3 & 0xFFFF_F000
+    for i in range(1024):
+        pde = _try(read, pd + 4 * i, 4)
+        if not pde & PTE_P:
+            continue
+        if pde & PTE_PS and paging.cr4 & CR4_PSE:
+            high = ((pde >> 13) & 0xFF) << 32
+            yield _leaf(i << 22, high | (pde & 0xFFC0_0000), 1 << 22, pde, pde)
+            continue
+        for j in range(1024):
+            pte = _try(read, (pde & 0xFFFF_F000) + 4 * j, 4)
+            if pte & PTE_P:
+                yield _leaf((i << 22) | (j << 12), pte & 0xFFFF_F000, 1 << 12, pte, pde & pte)

@@ -9,16 +9,24 @@ listening socket, the connected gdb and a wake-up pipe; vCPU threads and the
 machine's exit listener never touch the socket: they queue a record and
 write a byte to the pipe, and the loop turns it into a stop reply (or a
 ``W``/``X`` when the guest exits).  A new connection stops the machine and
-gets ``T05`` for thread 1; ``D``, an EOF or a broken connection detach
-(breakpoints removed, guest debug cleared, the VM runs on) and the server
-waits for the next gdb.  Nothing gdb sends can end the server or the VM
-except ``k``.
+gets ``T05`` for thread 1 (or the stop a vanished gdb left the guest at).
+``D`` detaches (breakpoints removed, guest debug cleared, the VM runs on);
+an EOF or a broken connection is a vanished client, which leaves the guest
+as it was (MachineTarget.vanish): a port probe never starts a ``--wait``
+guest.  Nothing gdb sends can end the server or the VM except ``k``.
+
+No client can starve the next: input is served at most ``_BATCH`` bytes per
+turn of the loop (stop events, accepts and a hang-up check in between), so
+what a client pipelined dies with its connection instead of being answered
+to nobody; the listen backlog takes a burst of reconnects.  ``sessions``
+records each connection (packets handled, how it ended).
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import select
 import selectors
 import socket
 import sys
@@ -35,6 +43,12 @@ if TYPE_CHECKING:
 
 __all__ = ["GdbServer", "attach_gdb"]
 
+#: Bytes of gdb input handled per turn of the loop (a few hundred packets).
+_BATCH = 4096
+#: Connections the kernel queues while the loop is busy (gdb reconnects, probes).
+_BACKLOG = 16
+_HANGUP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+
 
 class GdbServer:
     """Serves gdb's remote protocol for ``machine`` on ``host:port`` (0 = any free port)."""
@@ -46,7 +60,8 @@ class GdbServer:
         self.wait = wait
         self.log = log if log is not None else sys.stderr
         self.target = MachineTarget(machine, caps, notify=self._post)
-        self.listener = socket.create_server((host, port), backlog=1)
+        self.target.say = self._say
+        self.listener = socket.create_server((host, port), backlog=_BACKLOG)
         self.listener.setblocking(False)
         self.port: int = self.listener.getsockname()[1]
         self._wake_r, self._wake_w = os.pipe()
@@ -59,6 +74,11 @@ class GdbServer:
         self.connections = 0
         self.vm_exit_status: int | None = None
         self.errors: list[str] = []
+        #: One record per connection: packets handled (all, by name) and how it ended.
+        self.sessions: list[dict[str, Any]] = []
+        self._inbox = bytearray()       # received from the client, not yet handled
+        self._turns = 0                 # batches served since the last recv
+        self._hangup: select.poll | None = None
         self.connected = threading.Event()
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -108,7 +128,7 @@ class GdbServer:
                     # connection would see a machine that is about to change state.
                     self._sel.register(self.listener, selectors.EVENT_READ, "listen")
                     self._listening = True
-                timeout = None if self._listening else 0.02
+                timeout = 0 if self._inbox else None if self._listening else 0.02
                 for key, _ in self._sel.select(timeout):
                     if key.data == "wake":
                         self._drain_wake()
@@ -119,10 +139,13 @@ class GdbServer:
                         self._read_client()
                     if self._closing:
                         break
+                if self._inbox and not self._closing:
+                    self._serve_batch()
         except Exception:  # noqa: BLE001 - report, never take the VM down
             self._error("server loop failed:\n" + traceback.format_exc())
         finally:
-            self._drop_client(detach=self.vm_exit_status is None and self.m.exit_status is None)
+            live = self.vm_exit_status is None and self.m.exit_status is None
+            self._drop_client("closed", detach=live)
             self._sel.close()
             self.listener.close()
             for fd in (self._wake_r, self._wake_w):
@@ -130,6 +153,12 @@ class GdbServer:
                     os.close(fd)
                 except OSError:
                     pass
+
+    def _say(self, text: str) -> None:
+        try:
+            print(f"regsync gdb: {text}", file=self.log)
+        except Exception:  # noqa: BLE001
+            pass
 
     def _error(self, text: str) -> None:
         self.errors.append(text)
@@ -149,6 +178,8 @@ class GdbServer:
             sock, _addr = self.listener.accept()
         except (BlockingIOError, OSError):
             return
+        if self.client is not None and self._peer_gone():
+            self._drop_client("vanished")      # its queued work dies with it
         if self.client is not None or self.vm_exit_status is not None \
                 or self.m.exit_status is not None:
             sock.close()        # one gdb at a time; nothing to debug after the exit
@@ -162,18 +193,33 @@ class GdbServer:
             self._error("cannot stop the machine for gdb:\n" + traceback.format_exc())
             sock.close()
             return
+        self.target.reported(initial)
         self.core = StubCore(self.target, initial_stop=initial)
         core = self.core
         self.target.current_thread = lambda: core.current_thread
         self.client = sock
         self.connections += 1
+        self.sessions.append({"packets": 0, "by_packet": {}, "end": None})
+        self._inbox.clear()
+        self._turns = 0
+        self._hangup = select.poll()
+        self._hangup.register(sock, _HANGUP)
         self._sel.register(sock, selectors.EVENT_READ, "client")
         self.connected.set()
 
+    def _peer_gone(self) -> bool:
+        """The client hung up or broke (even with unread input still queued)."""
+        if self._hangup is None:
+            return False
+        try:
+            return any(ev & _HANGUP for _, ev in self._hangup.poll(0))
+        except OSError:
+            return True
+
     def _read_client(self) -> None:
         sock, core = self.client, self.core
-        if sock is None or core is None:
-            return
+        if sock is None or core is None or self._inbox:
+            return                          # the loop serves what is queued first
         try:
             data = sock.recv(65536)
         except (BlockingIOError, InterruptedError):
@@ -181,17 +227,33 @@ class GdbServer:
         except OSError:
             data = b""
         if not data:                        # gdb went away without detaching
-            self._drop_client(detach=True)
+            self._drop_client("vanished")
             return
+        self._inbox += data
+        self._turns = 0
+
+    def _serve_batch(self) -> None:
+        """Hand at most _BATCH queued bytes to the core and send its replies."""
+        core = self.core
+        if core is None:
+            self._inbox.clear()
+            return
+        if self._turns and self._peer_gone():
+            self._drop_client("vanished")   # what it pipelined dies with it
+            return
+        chunk = bytes(self._inbox[:_BATCH])
+        del self._inbox[:_BATCH]
+        self._turns += 1
         try:
-            out = core.receive(data)
+            out = core.receive(chunk)
         except Exception:  # noqa: BLE001 - a stub bug must not kill the VM
             self._error("protocol handler failed; dropping gdb:\n" + traceback.format_exc())
-            self._drop_client(detach=True)
+            self._drop_client("error")
             return
         self._send(out)
         if core.wants_close and self.core is core:
-            self._drop_client(detach=False)
+            self._drop_client("detached" if self.target.state == "detached" else "killed",
+                              detach=False)
 
     def _send(self, data: bytes) -> bool:
         if not data:
@@ -202,24 +264,36 @@ class GdbServer:
             self.client.sendall(data)
             return True
         except OSError:
-            self._drop_client(detach=True)
+            self._drop_client("vanished")
             return False
 
-    def _drop_client(self, detach: bool) -> None:
-        sock, self.client, self.core = self.client, None, None
+    def _drop_client(self, how: str, detach: bool | None = None) -> None:
+        """Close the connection. ``how`` is recorded; a "vanished" client leaves the
+        guest as it was (MachineTarget.vanish), ``detach=True`` lets it run."""
+        sock, core, self.client, self.core = self.client, self.core, None, None
+        self._inbox.clear()
+        self._hangup = None
         if sock is None:
             return
+        if self.sessions and self.sessions[-1]["end"] is None and core is not None:
+            self.sessions[-1].update(packets=core.packets, by_packet=dict(core.by_packet),
+                                     end=how)
         try:
             self._sel.unregister(sock)
         except (KeyError, ValueError):
             pass
         sock.close()
         self.connected.clear()
-        if detach and self.target.state != "detached" and self.m.exit_status is None:
-            try:
+        if self.m.exit_status is not None or self.target.state == "detached":
+            return
+        try:
+            if detach:
                 self.target.detach()
-            except Exception:  # noqa: BLE001
-                self._error("detach after disconnect failed:\n" + traceback.format_exc())
+            elif how in ("vanished", "error"):
+                self.target.vanish()
+        except Exception:  # noqa: BLE001
+            self._error(f"cleaning up after a {how} client failed:\n"
+                        + traceback.format_exc())
 
     def _process_events(self) -> None:
         while self._events:
@@ -232,7 +306,7 @@ class GdbServer:
                 if core is not None:
                     status, sig = self.target.exit_reply_args(item[1])
                     self._send(core.on_exit(status, sig))
-                    self._drop_client(detach=False)
+                    self._drop_client("exit", detach=False)
             elif item[0] == "close":
                 return
 
@@ -245,6 +319,7 @@ class GdbServer:
             if event is None:
                 return
             reply = core.on_stop(event)
+            self.target.reported(event)
         except Exception:  # noqa: BLE001
             self._error("reporting a stop failed:\n" + traceback.format_exc())
             return

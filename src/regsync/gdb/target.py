@@ -156,7 +156,17 @@ class Target(Protocol):
         ...
 
     def write_memory(self, tid: int, addr: int, data: bytes) -> None:
-        """Write guest-virtual memory or raise TargetError."""
+        """Write guest-virtual memory or raise TargetError, writing nothing
+        unless every byte can be written."""
+        ...
+
+    def read_physical(self, addr: int, length: int) -> bytes:
+        """Read guest-physical memory (Qqemu.PhyMemMode); exactly ``length``
+        bytes or TargetError."""
+        ...
+
+    def write_physical(self, addr: int, data: bytes) -> None:
+        """Write guest-physical memory, all of it or nothing (TargetError)."""
         ...
 
     def resume(self, actions: dict[int, Action], default: Action | None) -> None:
@@ -191,7 +201,8 @@ class Target(Protocol):
         ...
 
     def monitor(self, command: str) -> str:
-        """Run a ``monitor`` command and return its output text."""
+        """Run a ``monitor`` command and return its output text; TargetError
+        with a message refuses it (the core shows gdb the message)."""
         ...
 
 
@@ -222,4 +233,12 @@ class TargetBase:
 
     def monitor(self, command: str) -> str:
         """No monitor commands unless overridden."""
+        raise Unsupported()
+
+    def read_physical(self, addr: int, length: int) -> bytes:
+        """No physical memory access unless overridden."""
+        raise Unsupported()
+
+    def write_physical(self, addr: int, data: bytes) -> None:
+        """No physical memory access unless overridden."""
         raise Unsupported()

@@ -16,6 +16,14 @@ Mapping rule from gdb registers to catalog names (used by the VM adapter):
 * ``view="ftag"`` (``ftag``) converts the abridged FXSAVE tag byte held in
   the catalog ("ftw") to the full 16-bit x87 tag word gdb expects, using
   "fsw" (for TOP) and "st0".."st7".
+* ``view="slice"`` shows ``bitsize`` bits of a wider catalog register from bit
+  ``shift`` (``xmm16``/``ymm16h``/``zmm16h`` are slices of catalog ``zmm16``);
+  a write replaces those bits only.
+
+Vector registers follow gdb's features (gdb/features/i386/64bit-avx.xml,
+64bit-avx512.xml): the target describes the upper halves (``ymm0h``,
+``zmm0h``...) and gdb builds ``$ymm0``/``$zmm0`` from them as pseudo registers.
+:func:`x86_64_layout` adds them where the vCPU's XSAVE holds the components.
 
 All conversions live in :func:`register_value`, :func:`register_bytes` and
 :func:`register_updates` so the adapter needs no x86 knowledge of its own.
@@ -36,6 +44,7 @@ __all__ = [
     "RegisterLayout",
     "X86_64_LAYOUT",
     "abridged_tag_word",
+    "x86_64_layout",
     "full_tag_word",
     "register_bytes",
     "register_updates",
@@ -66,6 +75,7 @@ class GdbRegister:
     source: str
     group: str | None = None
     view: str | None = None
+    shift: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -248,7 +258,7 @@ def register_value(reg: GdbRegister, get: CatalogGetter) -> int:
     if reg.view == "ftag":
         sts = [get(f"st{i}") for i in range(8)]
         return full_tag_word(get(reg.source), sts, (get("fsw") >> 11) & 7)
-    return get(reg.source) & ((1 << reg.bitsize) - 1)
+    return (get(reg.source) >> reg.shift) & ((1 << reg.bitsize) - 1)
 
 
 def register_bytes(reg: GdbRegister, get: CatalogGetter) -> bytes:
@@ -272,6 +282,9 @@ def register_updates(
         return {}
     if reg.view == "ftag":
         return {reg.source: abridged_tag_word(value)}
+    if reg.view == "slice":
+        mask = ((1 << reg.bitsize) - 1) << reg.shift
+        return {reg.source: (get(reg.source) & ~mask) | (value << reg.shift)}
     limit = _CATALOG_BITS.get(reg.source)
     if limit is not None:
         if value >> limit:
@@ -353,6 +366,8 @@ _SYS_TYPES = "\n".join(
 
 CORE = "org.gnu.gdb.i386.core"
 SSE = "org.gnu.gdb.i386.sse"
+AVX = "org.gnu.gdb.i386.avx"
+AVX512 = "org.gnu.gdb.i386.avx512"
 SEGMENTS = "org.gnu.gdb.i386.segments"
 #: Our own feature: gdb does not interpret it but shows its registers in
 #: ``info registers system`` and allows ``p $cr3``.
@@ -362,6 +377,9 @@ _FEATURES = (
     Feature(CORE, _EFLAGS),
     Feature(SSE, _VEC128 + "\n" + _MXCSR),
     Feature(SEGMENTS),
+    Feature(AVX),
+    # Types are looked up per feature: xmm16-31 need vec128 here too.
+    Feature(AVX512, _VEC128 + '\n    <vector id="v2ui128" type="uint128" count="2"/>'),
     Feature(SYS, _SYS_TYPES),
 )
 
@@ -416,20 +434,48 @@ def _sys(with_kgs: bool) -> list[_Spec]:
 
 _GPR64 = "rax rbx rcx rdx rsi rdi rbp rsp".split() + [f"r{i}" for i in range(8, 16)]
 
+def _avx() -> list[_Spec]:
+    return [(f"ymm{i}h", 128, "uint128", AVX, f"ymm{i}h") for i in range(16)]
+
+
+def _avx512() -> list[_Spec]:
+    hi16 = range(16, 32)
+    return ([(f"xmm{i}", 128, "vec128", AVX512, f"zmm{i}", None, "slice", 0) for i in hi16]
+            + [(f"ymm{i}h", 128, "uint128", AVX512, f"zmm{i}", None, "slice", 128)
+               for i in hi16]
+            + [(f"k{i}", 64, "uint64", AVX512, f"k{i}") for i in range(8)]
+            + [(f"zmm{i}h", 256, "v2ui128", AVX512, f"zmm{i}h") for i in range(16)]
+            + [(f"zmm{i}h", 256, "v2ui128", AVX512, f"zmm{i}", None, "slice", 256)
+               for i in hi16])
+
+
+def _x86_64_specs(avx: bool, avx512: bool) -> list[_Spec]:
+    return ([(n, 64, "data_ptr" if n in ("rbp", "rsp") else "int64", CORE, n) for n in _GPR64]
+            + [("rip", 64, "code_ptr", CORE, "rip"),
+               ("eflags", 32, "i386_eflags", CORE, "rflags")]
+            + _SEGS
+            + _x87()
+            + _sse(16)
+            + [("fs_base", 64, "int", SEGMENTS, "fs.base"),
+               ("gs_base", 64, "int", SEGMENTS, "gs.base")]
+            + (_avx() if avx else [])
+            + (_avx512() if avx and avx512 else [])
+            + _sys(True))
+
+
 #: Long mode: gdb's 64bit-core + 64bit-sse + 64bit-segments order, then ours.
-X86_64_LAYOUT = _layout(
-    "i386:x86-64",
-    [(n, 64, "data_ptr" if n in ("rbp", "rsp") else "int64", CORE, n) for n in _GPR64]
-    + [("rip", 64, "code_ptr", CORE, "rip"), ("eflags", 32, "i386_eflags", CORE, "rflags")]
-    + _SEGS
-    + _x87()
-    + _sse(16)
-    + [("fs_base", 64, "int", SEGMENTS, "fs.base"), ("gs_base", 64, "int", SEGMENTS, "gs.base")]
-    + _sys(True),
-    pc="rip",
-    sp="rsp",
-    fp="rbp",
-)
+X86_64_LAYOUT = _layout("i386:x86-64", _x86_64_specs(False, False), pc="rip", sp="rsp",
+                        fp="rbp")
+_X86_64_VECTOR_LAYOUTS = {
+    (True, False): _layout("i386:x86-64", _x86_64_specs(True, False), "rip", "rsp", "rbp"),
+    (True, True): _layout("i386:x86-64", _x86_64_specs(True, True), "rip", "rsp", "rbp"),
+}
+
+
+def x86_64_layout(avx: bool = False, avx512: bool = False) -> RegisterLayout:
+    """The long-mode layout, with ``ymm*h`` (AVX) and the AVX-512 registers when the
+    vCPU's XSAVE area holds those components (AVX-512 implies AVX)."""
+    return _X86_64_VECTOR_LAYOUTS[(True, avx512)] if avx else X86_64_LAYOUT
 
 # gdb's i386 numbering differs from amd64's (ecx before ebx, esp before ebp).
 _GPR32 = [("eax", "rax"), ("ecx", "rcx"), ("edx", "rdx"), ("ebx", "rbx"),
