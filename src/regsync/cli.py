@@ -1,4 +1,4 @@
-"""The ``regsync`` command: run | regs | info | list | bench.
+"""The ``regsync`` command: run | regs | qemu | info | list | bench.
 
 Errors are one line on stderr (``regsync: error: …``) and exit status 2, never
 a traceback. ``run`` exits with the guest's status; regsync's own statuses are
@@ -39,13 +39,13 @@ EXIT_INTERRUPTED = 130           # 128 + SIGINT
 EXIT_STATUSES: dict[int, str] = {
     0: "the guest wrote 0, or stopped without a status (every vCPU halted with no "
        "in-kernel irqchip, a KVM shutdown event); or a command other than run succeeded",
-    1: "an internal error in regsync (a bug: the traceback is printed)",
     EXIT_BAD_INPUT: "bad input: one `regsync: error:` line (arguments, image, KVM limits, "
                     "`regs` not reaching exit N within --timeout)",
     EXIT_WATCHDOG: "--timeout expired, or the guest watchdog expired (with --watchdog-action "
                    "reset: after the third reset)",
     EXIT_FATAL: "fatal exit: triple fault, emulation failure, a vCPU error (the exit and a "
-                "register dump are printed)",
+                "register dump are printed), or an internal error in regsync (a bug: the "
+                "traceback is printed; not 1, which is a guest's code)",
     EXIT_INTERRUPTED: "Ctrl-C (SIGINT)",
     KILL_STATUS: "gdb's `kill` (128 + SIGKILL, as a shell reports it)",
     EXIT_BROKEN_PIPE: "stdout was closed early (`regsync info | head -1`); nothing more printed",
@@ -133,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(at most 3 times, then stop)")
     r.add_argument("--serial", metavar="FILE", help="write the guest's serial output to FILE "
                    "instead of stdout")
+    r.add_argument("--append", default="", metavar="ARGS",
+                   help="multiboot: the kernel's command line after its path (QEMU's -append)")
+    r.add_argument("--initrd", action="append", default=[], metavar="FILE",
+                   help="multiboot: a module (\"FILE [ARGS]\"; repeat for more)")
+    r.add_argument("--board", choices=["pc"], help="QEMU's pc devices and firmware tables "
+                   "(fw_cfg, ACPI, PM timer, CMOS, PCI, PIC as SeaBIOS leaves it): regsync.board")
+    r.add_argument("--testdev", action="store_true", help="with --board pc: QEMU's pc-testdev")
+    r.add_argument("--exit-status", choices=["regsync", "qemu"], default="regsync",
+                   help="how the guest's debug-exit code becomes the process status: regsync's "
+                        "convention (codes that would read as regsync's own statuses become "
+                        "123) or QEMU's (code << 1) | 1 (regsync.exitstatus)")
+    r.add_argument("--cpu", metavar="host[,+FEAT|-FEAT...]",
+                   help="filter KVM's CPUID as QEMU's -cpu host,-x2apic,+feature does")
 
     g = sub.add_parser("regs", help="dump the registers at the Nth exit of vCPU 0")
     g.add_argument("guest", help="bundled guest name or an image path (one vCPU)")
@@ -148,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="the exit and the registers as JSON on stdout")
 
+    sub.add_parser("qemu", help="run a kernel with qemu-system-x86_64's arguments "
+                   "(regsync-qemu -kernel FILE ...; see regsync qemu --help)", add_help=False)
     sub.add_parser("info", help="KVM capabilities, register groups and levels")
     sub.add_parser("list", help="the bundled guests")
 
@@ -173,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["qemu"]:           # QEMU's own argument syntax: its own parser
+        from .board.qemu_cli import main as qemu_main
+        return qemu_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -190,6 +209,10 @@ def _main(argv: Sequence[str] | None) -> int:
             OSError) as e:
         print(f"regsync: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception:                # a bug in regsync: not status 1, a guest's code
+        import traceback
+        traceback.print_exc()
+        return EXIT_FATAL
 
 
 def _one_line(e: BaseException) -> str:
@@ -212,14 +235,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise CliError(f"--serial {args.serial}: {e.strerror or e}") from None
         if sink is None and args.json:
             sink = sys.stderr        # stdout carries the JSON alone
+        if args.testdev and not args.board:
+            raise CliError("--testdev needs --board pc")
         m = stack.enter_context(Machine(mem_mb=args.mem, smp=args.smp, strategy=args.strategy,
-                                        watchdog_action=args.watchdog_action, serial_out=sink))
+                                        watchdog_action=args.watchdog_action, serial_out=sink,
+                                        board=args.board, testdev=args.testdev, cpu=args.cpu))
         return _run(m, args)
 
 
 def _run(m: Any, args: argparse.Namespace) -> int:
     """Load, optionally serve gdb, run until the guest exits; the exit status."""
-    m.load(args.guest, arg=args.arg)
+    m.load(args.guest, arg=args.arg, cmdline=args.append, initrd=args.initrd)
     for v in m.vcpus:
         v.end_setup()                # what follows is the run (see --stats)
     server = None
@@ -247,8 +273,12 @@ def _run(m: Any, args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     if args.stats:
         _print_stats(m, wall, args.json)
-    print(f"regsync: guest {args.guest} exited with status {status} "
-          f"({wall:.3f} s, {len(m.vcpus)} vCPU{'s' if len(m.vcpus) > 1 else ''})",
+    from .exitstatus import process_status
+    code = m.guest_code
+    status = process_status(status, code, args.exit_status)
+    wrote = f"wrote code {code}, " if code is not None else ""
+    print(f"regsync: guest {args.guest} exited ({wrote}status {status}; "
+          f"{wall:.3f} s, {len(m.vcpus)} vCPU{'s' if len(m.vcpus) > 1 else ''})",
           file=sys.stderr)
     return status
 

@@ -18,25 +18,29 @@ whatever the code is. Two conventions:
 
 regsync's own statuses are the same in both, and none is a status a guest code
 can produce in either convention (all are even in the qemu convention, which is
-why a fatal exit there is 126, not 125 = code 62):
+why a fatal exit there is 126, not 125 = code 62). An internal error (a bug,
+its traceback printed) is a fatal exit, never Python's default status 1:
 
     2    bad input: one ``regsync: error:`` line, nothing ran
     124  --timeout or the watchdog stopped the guest
-    125  (126 in the qemu convention) fatal exit: triple fault, emulation failure
+    125  (126 in the qemu convention) fatal exit: triple fault, emulation failure,
+         or an internal error in regsync (never 1, which is a guest's code)
     130  interrupted (SIGINT)
+    137  (138 in the qemu convention) gdb's ``kill`` ended the guest
+    141  (142 in the qemu convention) stdout closed early (SIGPIPE)
 
-Killed by SIGKILL, the process has no status of its own; shells print 137, which
+Killed by SIGKILL from outside, the process has no status of its own; shells print 137, which
 in the qemu convention is also what QEMU itself gives for code 68 — a runner
 that must tell them apart reads the wait status (a signal, not an exit).
 """
 
 from __future__ import annotations
 
-BAD_INPUT, TIMEOUT, FATAL, INTERRUPTED = 2, 124, 125, 130
+BAD_INPUT, TIMEOUT, FATAL, INTERRUPTED, KILLED, BROKEN_PIPE = 2, 124, 125, 130, 137, 141
 QEMU_FATAL = 126
 GUEST_OUT_OF_BAND = 123
 CONVENTIONS = ("regsync", "qemu")
-OWN = {BAD_INPUT, TIMEOUT, FATAL, INTERRUPTED}
+OWN = {BAD_INPUT, TIMEOUT, FATAL, INTERRUPTED, KILLED, BROKEN_PIPE}
 
 
 def guest_status(code: int, convention: str = "regsync") -> int:
@@ -53,7 +57,8 @@ def own_status(status: int, convention: str = "regsync") -> int:
     """regsync's own outcome (BAD_INPUT, TIMEOUT, FATAL, INTERRUPTED) in a convention."""
     if status not in OWN:
         raise ValueError(f"{status} is not one of regsync's own statuses")
-    return QEMU_FATAL if convention == "qemu" and status == FATAL else status
+    # QEMU's guest statuses are odd: there regsync's odd ones move to the next even number.
+    return status + 1 if convention == "qemu" and status & 1 else status
 
 
 def process_status(machine_status: int | None, guest_code: int | None,

@@ -245,7 +245,7 @@ def run(opts: Options) -> int:
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(exitstatus.BAD_INPUT)
 
 
@@ -264,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError, TypeError, KvmError, KvmUnavailable, GuestMemoryError,
             OSError) as e:
         _fail(str(e))
+    except Exception:                # a bug in regsync: never status 1, QEMU's "code 0"
+        import traceback
+        traceback.print_exc()
+        return exitstatus.own_status(exitstatus.FATAL, "qemu")
 
 
 if __name__ == "__main__":  # pragma: no cover
