@@ -276,8 +276,8 @@ def _run(m: Any, args: argparse.Namespace) -> int:
     from .exitstatus import process_status
     code = m.guest_code
     status = process_status(status, code, args.exit_status)
-    wrote = f"wrote code {code}, " if code is not None else ""
-    print(f"regsync: guest {args.guest} exited ({wrote}status {status}; "
+    wrote = f"it wrote code {code}; " if code is not None else ""
+    print(f"regsync: guest {args.guest} exited with status {status} ({wrote}"
           f"{wall:.3f} s, {len(m.vcpus)} vCPU{'s' if len(m.vcpus) > 1 else ''})",
           file=sys.stderr)
     return status

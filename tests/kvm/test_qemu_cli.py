@@ -39,7 +39,7 @@ def _front_door(*args: str) -> subprocess.CompletedProcess[str]:
 def test_guest_code_never_reads_as_a_regsync_status(hello: Path, code: int, status: int) -> None:
     p = _regsync("run", str(hello), "--smp", "1", "--append", f"code={code}")
     assert p.returncode == status, p.stderr
-    assert f"code {code}" in p.stdout
+    assert f"code {code}" in p.stdout and f"wrote code {code};" in p.stderr
 
 
 @pytest.mark.parametrize("code", [0, 2, 62, 124])
