@@ -21,6 +21,7 @@ EXPECTED_SYMBOLS = {
     "watchdog": ["wd_loop", "wd_pet", "wd_starve", "wd_pets_done"],
     "spin": ["spin_loop", "spin_a", "spin_b", "spin_c", "spin_d", "spin_stop", "spin_counters",
              "bsp_work", "bsp_work_ret", "bw_0", "bw_19", "bsp_work_result", "aps_online"],
+    "reset": ["reset_ready", "reset_input", "reset_area", "reset_result", "reset_done"],
 }
 COMMON_SYMBOLS = ["multiboot_header", "regsync_header", "_start32", "entry64", "main", "exit",
                   "putc", "puts", "idt", "gdt", "boot_ncpus", "boot_arg", "_edata", "_end"]
