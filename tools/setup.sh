@@ -10,6 +10,9 @@ command -v gdb >/dev/null || need+=(gdb)
 command -v as >/dev/null && command -v ld >/dev/null || need+=(binutils)
 command -v gcc >/dev/null || need+=(gcc)
 [ -f /usr/include/linux/kvm.h ] || need+=(linux-libc-dev)
+# QEMU for the conformance tests (regsync.board: the same kernels under both), with
+# its firmware: qboot.rom (qemu-system-data) and SeaBIOS (seabios, a dependency).
+command -v qemu-system-x86_64 >/dev/null && [ -f /usr/share/qemu/qboot.rom ] || need+=(qemu-system-x86)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
