@@ -179,6 +179,8 @@ class Machine(VmmMixin):
     def add_vcpu(self) -> Vcpu:
         """Create the next vCPU (id = len(vcpus)) with KVM's supported CPUID."""
         vid = len(self.vcpus)
+        if vid >= MAX_XAPIC_VCPUS:      # the next xAPIC ID would be 0xff, the broadcast ID
+            raise ValueError(f"vCPU {vid}: at most {MAX_XAPIC_VCPUS} vCPUs (8-bit xAPIC IDs)")
         handle = self.vm.create_vcpu(vid)
         try:
             handle.set_cpuid2(self._cpuid_for(vid))
