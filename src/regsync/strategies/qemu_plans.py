@@ -169,9 +169,13 @@ X86_PLANS = {"qemu2012": _plan_2012("qemu2012"), "qemu2013": _plan_2012("qemu201
 def generic_plan(version: str, catalog: Catalog) -> PutPlan:
     """Another architecture (the simulated BookE): a put at level L writes every
     group of L, in catalog order; a get fetches every group. No QEMU code exists for
-    it: this is kvm-all.c's level algorithm on that catalog (see qemu.py)."""
+    it: this is kvm-all.c's level algorithm on that catalog (see qemu.py). The get
+    order follows each version's x86 one: today a group whose fetch has side effects
+    (MPSTATE) comes first, in 2012 after the registers it resets."""
     def steps(level: int) -> tuple[tuple[str, object], ...]:
         mask = catalog.levels[LEVEL_NAMES[level]]
         return tuple((g.name, None) for g in catalog.groups if g.bit & mask)
-    return PutPlan(version, {lv: steps(lv) for lv in (RUNTIME, RESET, FULL)},
-                   tuple(g.name for g in catalog.groups))
+    order = [g.name for g in catalog.groups]
+    if version == "qemu":
+        order.sort(key=lambda n: not catalog.group_by_name[n].invalidates)
+    return PutPlan(version, {lv: steps(lv) for lv in (RUNTIME, RESET, FULL)}, tuple(order))
