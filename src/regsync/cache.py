@@ -39,6 +39,7 @@ state and no edit is silently dropped.
 
 from __future__ import annotations
 
+import warnings
 from threading import get_ident
 from collections import Counter
 from dataclasses import dataclass, field
@@ -55,6 +56,12 @@ class RegisterWriteError(Exception):
         super().__init__(f"KVM refused the write of group {group} "
                          f"(dirty: {', '.join(registers)}): {cause}; the values stay in the "
                          f"cache: correct them or discard()")
+
+
+class EditContradicted(UserWarning):
+    """A fetch with side effects (KVM_GET_MP_STATE processing INIT/SIPI) changed a
+    register the caller had edited: the edit reached the kernel, then the kernel
+    overwrote it, as hardware would. Reported, never hidden (stats.contradicted)."""
 
 
 class WrongThreadError(RuntimeError):
@@ -76,6 +83,7 @@ class Transport(Protocol):
     def store(self, dirty: dict[str, dict[Register, int]], held: int, allow_defer: bool,
               set_fn: Callable[[Register, Any, int], None]) -> list[tuple[str, bool]]: ...
     def cancel_deferred(self) -> int: ...
+    def probe(self, reg: Register) -> int: ...
     def accessors(self, reg: Register) -> tuple[Callable[[Any], int], Callable[[Any, int], None]]: ...
     def add_register(self, reg: Register) -> None: ...
 
@@ -90,11 +98,28 @@ class CacheStats:
     fetches_avoided: int = 0      # synchronize() requests already satisfied
     writes_avoided: int = 0       # fetched groups not written back because unchanged
     exits: int = 0
+    # Edits a fetch with side effects overwrote (INIT/SIPI processed by
+    # KVM_GET_MP_STATE): reported here and as an EditContradicted warning.
+    contradicted: list["Contradiction"] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"exits": self.exits, "fetches": dict(self.fetches), "writes": dict(self.writes),
                 "deferred_writes": dict(self.deferred_writes), "local_reads": self.local_reads,
-                "fetches_avoided": self.fetches_avoided, "writes_avoided": self.writes_avoided}
+                "fetches_avoided": self.fetches_avoided, "writes_avoided": self.writes_avoided,
+                "contradicted": [c.as_dict() for c in self.contradicted]}
+
+
+@dataclass(frozen=True)
+class Contradiction:
+    """An edit that reached the kernel and was then overwritten by a side effect."""
+    register: str
+    written: int          # the edit, as the kernel held it after the write
+    now: int              # the kernel's value after the side effect
+    cause: str            # the fetch that had the side effect
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"register": self.register, "written": self.written, "now": self.now,
+                "cause": self.cause}
 
 
 class RegisterCache:
@@ -128,6 +153,11 @@ class RegisterCache:
         for reg in self.catalog.registers:
             self._get[reg], self._set[reg] = transport.accessors(reg)
             self.registers_by_group[reg.group].append(reg)
+        # Groups holding a register the kernel changes while the vCPU is stopped:
+        # synchronize() fetches them every time (see "Volatile values" above).
+        self.volatile_mask = sum(g.bit for g in self.groups
+                                 if any(r.volatile for r in self.registers_by_group[g.name]))
+        self._stale_of = {g.bit: self.catalog.group_mask(*g.invalidates) for g in self.groups}
 
     @property
     def stats(self) -> CacheStats:
@@ -144,11 +174,14 @@ class RegisterCache:
     # --- accessors ----------------------------------------------------------------
 
     def add_register(self, reg: Register) -> None:
-        """A register outside the catalog (an MSR by index): next read fetches it."""
+        """A register outside the catalog (an MSR by index), added once the kernel has
+        shown it can read it: a refusal raises naming it and leaves nothing behind."""
+        self._check_thread()
+        value = self.transport.probe(reg)           # raises before anything is added
         self._get[reg], self._set[reg] = self.transport.accessors(reg)
         self.registers_by_group[reg.group].append(reg)
         self.transport.add_register(reg)
-        self.held &= ~self.catalog.group_by_name[reg.group].bit
+        self._set[reg](self.locals[reg.group], value)
 
     def _check_thread(self) -> None:
         # Rule 9, and no torn reads of a kvm_run page the vCPU is running on.
@@ -159,7 +192,7 @@ class RegisterCache:
     def read(self, reg: Register) -> int:
         self._check_thread()
         g = self.catalog.group_by_name[reg.group]
-        if self.held & g.bit or reg in self.dirty[g.name]:
+        if reg in self.dirty[g.name] or (self.held & g.bit and not reg.volatile):
             self._stats.local_reads += 1
         else:
             self._fetch(g)
@@ -183,13 +216,18 @@ class RegisterCache:
     # --- fetch ----------------------------------------------------------------------
     def _fetch(self, g: Group) -> None:
         self._check_thread()
-        stale = self.catalog.group_mask(*g.invalidates)
+        stale = self._stale_of[g.bit]
+        # Edits of the groups a side effect may overwrite: they reach the kernel
+        # first, as the run would have written them (writes queued in kvm_dirty_regs
+        # would land after this fetch, and a fetch into the kvm_run page would
+        # overwrite them, so those are taken back and written too).
+        pending = (self.dirty_mask | self.in_flight) & stale & self.transport.available_mask
+        edited = [r for grp in self.catalog.groups_in(pending) for r in self.dirty[grp.name]]
+        if (stale | g.bit) & self.in_flight:
+            self._undefer(ioctl=False)
         if stale & self.dirty_mask:
             self.flush(stale, allow_defer=False)
-        if (stale | g.bit) & self.in_flight:
-            # Writes queued in kvm_dirty_regs would land after this fetch (and a
-            # fetch into the kvm_run page would overwrite them): write them now.
-            self._undefer(ioctl=True)
+        before = self._kernel_view(pending, edited) if edited else {}
         self.transport.fetch(g)
         local = self.locals[g.name]
         for reg, val in self.dirty[g.name].items():
@@ -197,26 +235,64 @@ class RegisterCache:
         self.held = (self.held & ~stale) | g.bit
         self._fetched_since_run |= g.bit
         self.stats.fetches[g.name] += 1
+        if before:
+            self._report_contradictions(g, pending, before)
+
+    def _kernel_view(self, mask: int, regs: list[Register]) -> dict[Register, int]:
+        """The kernel's values of just-written edits (it may normalise one, e.g. rflags
+        bit 1), fetched so that a side effect's change can be told from that."""
+        for grp in self.catalog.groups_in(mask):
+            self.transport.fetch(grp)
+            self.stats.fetches[grp.name] += 1
+        return {r: self._get[r](self.locals[r.group]) for r in regs}
+
+    def _report_contradictions(self, cause: Group, mask: int,
+                               before: dict[Register, int]) -> None:
+        """Fetch the edited groups again after the side effect; an edit it changed is
+        reported (stats.contradicted and an EditContradicted warning), never hidden."""
+        for grp in self.catalog.groups_in(mask):
+            self.transport.fetch(grp)
+            self.stats.fetches[grp.name] += 1
+            self.held |= grp.bit
+        changed = [Contradiction(r.name, v, now, f"KVM_GET_{cause.name} (INIT/SIPI processed)")
+                   for r, v in before.items() if (now := self._get[r](self.locals[r.group])) != v]
+        if changed:
+            self.stats.contradicted.extend(changed)
+            what = ", ".join(f"{c.register} {c.written:#x} -> {c.now:#x}" for c in changed)
+            warnings.warn(EditContradicted(
+                f"a pending INIT/SIPI processed by KVM_GET_{cause.name} overwrote edited "
+                f"registers after they reached the kernel: {what}"), stacklevel=4)
 
     def synchronize(self, mask: int) -> None:
-        """Make every register in ``mask`` (groups or a level) held or dirty."""
-        todo = mask & ~self.held & self.transport.available_mask
+        """Make every register in ``mask`` (groups or a level) held or dirty.
+
+        Volatile groups are fetched every time (their copy is a sample, see the
+        module docstring); a group a side-effect fetch made stale is fetched again.
+        """
+        self._check_thread()
+        mask &= self.transport.available_mask
+        todo = mask & (~self.held | self.volatile_mask)
         if not todo:
             self.stats.fetches_avoided += 1
             return
         # Groups with fetch side effects first, so later fetches see their result.
+        done = 0
         for g in sorted(self.catalog.groups_in(todo), key=lambda g: not g.invalidates):
-            if not self.held & g.bit:
+            if not self.held & g.bit or (g.bit & self.volatile_mask and not done & g.bit):
                 self._fetch(g)
+                done |= g.bit
+        # A side effect (INIT/SIPI) made groups stale that were held before: again.
+        for g in self.catalog.groups_in(mask & ~self.held):
+            self._fetch(g)
 
     # --- flush ----------------------------------------------------------------------
     def flush(self, mask: int = -1, *, allow_defer: bool = True) -> None:
         """Write dirty registers (of groups in mask) to KVM. Zero syscalls when clean."""
+        if self.owner is not None and get_ident() != self.owner:
+            self._check_thread()
         todo = self.dirty_mask & mask
         if not todo:
             return
-        if self.owner is not None and get_ident() != self.owner:
-            self._check_thread()
         t = self.transport
         if allow_defer and not todo & ~(t.fast_defer_mask & self.held):
             # The common case (GPR edits at an exit): the values are already in the
@@ -236,8 +312,19 @@ class RegisterCache:
         try:
             written = t.store(dirty, self.held, allow_defer, self._overlay)
         except FlushError as e:
+            # Rule 8: the vCPU does not run, nothing is lost. Groups written by ioctl
+            # are clean; the registers of the refused group that did reach the kernel
+            # (a short KVM_SET_MSRS) too; groups queued in kvm_dirty_regs are taken
+            # back and stay dirty with the rest.
+            queued = t.cancel_deferred()
             for name in e.written:
-                self._clean(name)
+                if not queued & self.catalog.group_by_name[name].bit:
+                    self._clean(name)
+            for reg in e.done:
+                self.dirty[reg.group].pop(reg, None)
+                self.stats.writes[reg.group] += 1
+                if not self.dirty[reg.group]:
+                    self.dirty_mask &= ~self.catalog.group_by_name[reg.group].bit
             raise RegisterWriteError(e.group, e.registers, e.cause) from None
         for name, fetched in written:
             if fetched:
@@ -336,6 +423,7 @@ class RegisterCache:
 
     def discard(self, mask: int = -1) -> None:
         """Drop local edits (of groups in mask): the kernel's values apply again."""
+        self._check_thread()
         self.take_back_deferred()
         for g in self.groups:
             if g.bit & mask & self.dirty_mask:
@@ -345,6 +433,7 @@ class RegisterCache:
 
     def invalidate(self, mask: int = -1) -> None:
         """Forget what is held (the kernel state changed behind the cache, e.g. a reset)."""
+        self._check_thread()
         self.held &= ~mask
 
     # --- write intent: w1s/w1c registers (Register.write_intent) --------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import stat
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -26,7 +27,7 @@ from .loader import Image, ImageError
 from .memory import GuestMemory, GuestMemoryError
 from .strategies import STRATEGIES
 from .vcpu import LEVELS, Vcpu
-from .vmm import VmmMixin
+from .vmm import VmmMixin, interrupts_deferred
 
 if TYPE_CHECKING:
     from .snapshot import Snapshot
@@ -158,8 +159,10 @@ class Machine(VmmMixin):
             self.supported_msrs = set(self.kvm.msr_index_list())
             self.vcpus: list[Vcpu] = []
             self._power_on: dict[int, dict[str, int]] = {}
+            self._power_on_lapic: dict[int, bytes] = {}
             for _ in range(smp):
                 self.add_vcpu()
+            self._release = _release_when_collected(self)
         except BaseException:
             self.close()
             raise
@@ -189,10 +192,15 @@ class Machine(VmmMixin):
         except BaseException:
             handle.close()
             raise
-        # What reset() puts back: KVM's power-on values of the RESET level and the LAPIC.
-        power_on = vcpu.regs.dump(LEVELS["RESET"] | vcpu.cache.catalog.group_mask("LAPIC"))
-        # It includes MP_STATE: the BSP runnable, APs waiting for INIT/SIPI.
+        # What reset() puts back: KVM's power-on values of the RESET level (with
+        # MP_STATE: the BSP runnable, APs waiting for INIT/SIPI), and the power-on
+        # LAPIC page whole: a reset is a restore, and most LAPIC registers cannot be
+        # edited as a guest write would (transport.LAPIC_EDITS).
+        power_on = vcpu.regs.dump(LEVELS["RESET"])
         self._power_on[vid] = {k: v for k, v in power_on.items() if v is not None}
+        if self.irqchip:
+            self._power_on_lapic[vid] = vcpu.cache.export(
+                vcpu.cache.catalog.group_mask("LAPIC"))["LAPIC"]
         self.vcpus.append(vcpu)
         return vcpu
 
@@ -320,23 +328,62 @@ class Machine(VmmMixin):
 
     # --- lifetime ----------------------------------------------------------------------
     def close(self) -> None:
-        """Close vCPUs, memory, the VM and /dev/kvm (idempotent; safe after a failed init)."""
-        if self.closed:
-            return
-        self.closed = True
-        self.shutdown_vmm()
-        for v in getattr(self, "vcpus", ()):
-            v.close()
-        for part in (getattr(self, "memory", None), getattr(self, "vm", None)):
-            if part is not None:
-                part.close()
-        self.kvm.close()
+        """Stop the vCPU threads, wait until every one has left KVM_RUN for good, then
+        close vCPUs (unmapping kvm_run), memory, the VM and /dev/kvm.
+
+        Idempotent; safe after a failed init, from any thread but this machine's
+        vCPU threads (RuntimeError there), and against a Ctrl-C meanwhile (it is
+        delivered once close is done). TimeoutError, with nothing released, if a
+        vCPU thread does not stop. A Machine never closed is released when it is
+        collected (running vCPU threads keep it alive until its guest stops).
+        """
+        self.refuse_on_vcpu_thread("close()")
+        with interrupts_deferred(), self._close_lock:
+            if self.closed:
+                return
+            self.shutdown_vmm()
+            with self._direct_lock:        # no direct call on a threadless vCPU is running
+                self.closed = True
+                release = getattr(self, "_release", None)
+                if release is not None:
+                    release()              # the finaliser, run now (it runs only once)
+                else:                      # __init__ failed part-way: what exists so far
+                    _release_parts(getattr(self, "vcpus", []), getattr(self, "memory", None),
+                                   getattr(self, "vm", None), self.kvm, self.watchdog)
 
     def __enter__(self) -> "Machine":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _release_parts(vcpus: list[Vcpu], memory: GuestMemory | None, vm: Any, kvm: System,
+                   watchdog: Any) -> None:
+    """Release what a Machine holds from the kernel, in dependency order. Holds no
+    reference to the Machine, so it can be its finaliser; only ever called once
+    every vCPU thread has ended (close() waits for them; a running thread keeps
+    the Machine reachable, so the finaliser cannot run before)."""
+    try:
+        watchdog.close()
+    except RuntimeError:
+        pass                     # collected on the watchdog's own thread: it ends by itself
+    for v in vcpus:
+        v.close()
+    for part in (memory, vm):
+        if part is not None:
+            part.close()
+    kvm.close()
+
+
+def _release_when_collected(m: Machine) -> weakref.finalize:
+    """close()'s release step, also run if ``m`` is garbage-collected unclosed (a
+    Machine that is dropped would otherwise keep its fds and mappings for the
+    process's life). Not at interpreter exit: daemon vCPU threads may still be in
+    KVM_RUN then, and the kernel frees everything with the process anyway."""
+    release = weakref.finalize(m, _release_parts, m.vcpus, m.memory, m.vm, m.kvm, m.watchdog)
+    release.atexit = False
+    return release
 
 
 __all__ = ["Machine", "LoadedGuest", "GuestMemoryError"]

@@ -56,6 +56,7 @@ class Alias:
     home: str
     shift: int = 0                # value = home << shift (lapic.tpr = cr8 << 4)
     width: int = 64
+    doc: str = ""                 # why the low ``shift`` bits cannot be kept (refused)
 
 
 @dataclass
@@ -101,10 +102,14 @@ class Catalog:
 
 class FlushError(Exception):
     """A transport's kernel refused a group. ``written`` lists the groups that did
-    reach the kernel before it (the cache marks those clean, keeps the rest)."""
+    reach the kernel (or were queued for the next run) before it; the cache marks
+    the ones written clean and keeps the rest dirty."""
 
     def __init__(self, group: str, registers: list[str], cause: Exception,
-                 written: list[str]) -> None:
+                 written: list[str], done: list[Register] | None = None) -> None:
         self.group, self.registers, self.cause, self.written = group, registers, cause, written
+        # Registers of the failed group that did reach the kernel before the refusal
+        # (KVM_SET_MSRS processes entries in order and stops at the first it refuses).
+        self.done = done or []
         super().__init__(f"the kernel refused {group} ({', '.join(registers)}): {cause}")
 

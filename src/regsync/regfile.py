@@ -17,19 +17,22 @@ from .regdefs import Alias, Catalog, Register
 
 
 class _RegisterAttr:
-    __slots__ = ("reg", "bit", "group", "get", "set", "mask")
+    __slots__ = ("reg", "bit", "read_bit", "group", "get", "set", "mask")
 
     def __init__(self, reg: Register, bit: int, get: Callable[[Any], int],
                  set_: Callable[[Any, int], None]) -> None:
         self.reg, self.bit, self.group, self.get, self.set = reg, bit, reg.group, get, set_
         self.mask = reg.mask
+        # A volatile register never answers from a held group on the fast path:
+        # its copy is a sample (cache docstring, "Volatile values").
+        self.read_bit = 0 if reg.volatile else bit
 
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
             return self
         c: RegisterCache = obj._cache
         # Hot path: a held group on the owning thread (or no owner): no syscall.
-        if c.held & self.bit and (c.owner is None or c.owner == get_ident()):
+        if c.held & self.read_bit and (c.owner is None or c.owner == get_ident()):
             return self.get(c.locals[self.group])
         return c.read(self.reg)
 
@@ -51,6 +54,16 @@ class _IntentAttr(_RegisterAttr):
                          f"regs.clear_bits({self.reg.name!r}, mask)")
 
 
+class _RefusedAttr(_RegisterAttr):
+    """A register whose edit cannot reach the kernel as the guest's own write would
+    (the transport says why, e.g. lapic.icr: KVM_SET_LAPIC sends no IPI): readable,
+    refused at assignment, before anything is queued."""
+    __slots__ = ("why",)
+
+    def __set__(self, obj: Any, value: int) -> None:
+        raise ValueError(self.why)
+
+
 class _AliasAttr:
     __slots__ = ("alias", "home")
 
@@ -65,6 +78,9 @@ class _AliasAttr:
     def __set__(self, obj: Any, value: int) -> None:
         if not isinstance(value, int) or not 0 <= value < (1 << self.alias.width):
             raise ValueError(f"{self.alias.name}: {value!r} does not fit in {self.alias.width} bits")
+        if value & ((1 << self.alias.shift) - 1):
+            # Lossless or refused: the home cannot keep the low bits.
+            raise ValueError(f"{self.alias.name}={value:#x}: {self.alias.doc}")
         obj._cache.write(self.home, value >> self.alias.shift)
 
 
@@ -213,14 +229,25 @@ def make_register_file(catalog: Catalog,
                        accessors: dict[Register, tuple[Callable[[Any], int],
                                                        Callable[[Any, int], None]]],
                        msr_aliases: dict[int, str] | None = None,
-                       msr_by_index: dict[int, Register] | None = None) -> type:
-    """A RegisterFileBase subclass with one descriptor per register and alias."""
+                       msr_by_index: dict[int, Register] | None = None,
+                       refusals: dict[Register, str] | None = None) -> type:
+    """A RegisterFileBase subclass with one descriptor per register and alias.
+
+    ``refusals``: registers an edit cannot reach the kernel as a guest write
+    would, with the reason (refused at assignment). Volatile registers get no
+    held-group fast path: every read outside a dump fetches (cache docstring).
+    """
+    refusals = refusals or {}
     ns: dict[str, Any] = {"__slots__": (), "_catalog": catalog,
                           "_msr_aliases": msr_aliases or {}, "_msr_by_index": msr_by_index or {}}
     names: dict[str, Register | Alias] = {}
     for reg in catalog.registers:
         bit = catalog.group_by_name[reg.group].bit
-        attr = (_IntentAttr if reg.write_intent else _RegisterAttr)(reg, bit, *accessors[reg])
+        if reg in refusals:
+            attr = _RefusedAttr(reg, bit, *accessors[reg])
+            attr.why = refusals[reg]
+        else:
+            attr = (_IntentAttr if reg.write_intent else _RegisterAttr)(reg, bit, *accessors[reg])
         for n in (reg.name, *reg.aliases):
             names[n] = reg
             ns[_attr_name(n)] = attr
@@ -230,5 +257,6 @@ def make_register_file(catalog: Catalog,
     ns["_names"] = names
     ns["_getters"] = {r: accessors[r][0] for r in catalog.registers}
     ns["_plans"] = {}
+    ns["_refusals"] = {r.name: why for r, why in refusals.items()}
     ns["_writers"] = {k: v for k, v in ns.items() if isinstance(v, (_RegisterAttr, _AliasAttr))}
     return type(f"{catalog.arch}Registers", (RegisterFileBase,), ns)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from threading import get_ident
 from typing import Any, Iterable
 
 from . import exits
@@ -72,6 +73,8 @@ class Vcpu:
     def run(self) -> exits.AnyExit:
         """Flush dirty registers, enter the guest once, return the decoded exit."""
         cache = self.cache
+        if cache.owner is not None and cache.owner != get_ident():
+            cache._check_thread()         # rule 9: raises WrongThreadError
         if cache.dirty_mask:
             reason = self._run_page.exit_reason        # _completion_pending(), inlined
             if (reason == ks.KVM_EXIT_IO and self._run_view[_IO_DIRECTION] == ks.KVM_EXIT_IO_IN) \
@@ -135,9 +138,6 @@ class Vcpu:
             self.last_exit = self._pending_exit = exits.decode(
                 self._run_page, self._run_addr, self._run_view)
 
-    # --- sync vocabulary ---------------------------------------------------------------
-    def synchronize(self, what: int | str | Iterable[str] = "FULL") -> None:
-        """Make every register in the groups/level held or dirty (fetching what is not)."""
     def complete_pending_operation(self) -> bool:
         """Finish an I/O or MMIO exit that KVM completes only on re-entry, running no
         guest instruction (api.rst, KVM_RUN: "userspace should ensure that the
@@ -157,6 +157,9 @@ class Vcpu:
         """An exit is waiting for run() to return it (see complete_pending_operation)."""
         return self._pending_exit is not None
 
+    # --- sync vocabulary ---------------------------------------------------------------
+    def synchronize(self, what: int | str | Iterable[str] = "FULL") -> None:
+        """Make every register in the groups/level held or dirty (fetching what is not)."""
         self.cache.synchronize(to_mask(what))
 
     def synchronize_state(self, level: str = "FULL") -> None:
@@ -167,6 +170,7 @@ class Vcpu:
 
     def flush(self) -> None:
         """Write dirty registers now (run() does this too)."""
+        self.cache._check_thread()
         if self.cache.dirty_mask and self._completion_pending():
             self._complete_pending_io()
         self.cache.flush(allow_defer=False)

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from regsync.cache import RegisterCache, RegisterWriteError
+from regsync.cache import EditContradicted, RegisterCache, RegisterWriteError
 from regsync.regdefs import Register
 from regsync.sim import (CATALOG, MSR_RESERVED, RESET_GPRS, RUNNABLE, TSR_WIS, SimKernel,
                          SimRegisters, SimTransport, SimVcpu)
@@ -55,11 +55,16 @@ def test_read_of_held_register_costs_no_fetch(vcpu: SimVcpu) -> None:
 
 @pytest.mark.parametrize("group", [g.name for g in CATALOG.groups])
 def test_first_read_of_unheld_group_costs_exactly_one_fetch(group: str) -> None:
+    """Then the group is held: its other registers answer locally -- except a
+    volatile one, whose copy is a sample: every read of it fetches (issue 8 item 6)."""
     v = SimVcpu()
-    names = [r.name for r in CATALOG.registers_of(group)]
-    for n in names + names:
-        v.regs[n]
-    assert v.kernel.gets == {group: 1} and not v.kernel.sets
+    regs = CATALOG.registers_of(group)
+    for r in regs + regs:
+        v.regs[r.name]
+    volatile_reads = 2 * sum(r.volatile for r in regs)
+    first_is_volatile = regs[0].volatile
+    expected = volatile_reads + (0 if first_is_volatile else 1)
+    assert v.kernel.gets == {group: expected} and not v.kernel.sets
 
 
 def test_flush_with_nothing_dirty_costs_zero(vcpu: SimVcpu) -> None:
@@ -97,8 +102,11 @@ def test_a_flush_leaves_every_written_group_complete(vcpu: SimVcpu) -> None:
     vcpu.regs.irq_vector = 0x41                         # EVENTS never fetched
     vcpu.regs.esr = 0x8
     vcpu.cache.flush()
-    assert vcpu.regs.pending_irq == 1 << 2 and vcpu.regs.srr1 == 0
     assert k.gets == {"EVENTS": 1, "SPRS": 1} and k.sets == {"EVENTS": 1, "SPRS": 1}
+    assert vcpu.regs.srr1 == 0 and vcpu.regs.irq_vector == 0x41     # held: no fetch
+    assert k.gets == {"EVENTS": 1, "SPRS": 1}
+    assert vcpu.regs.pending_irq == 1 << 2           # volatile: fetched again
+    assert k.gets == {"EVENTS": 2, "SPRS": 1}
 
 
 # --- rule 3: only dirty groups, coalesced ----------------------------------------------
@@ -161,6 +169,8 @@ def seed_sequence(cache: RegisterCache) -> SimKernel:
 
 
 def test_seed_sequence_keeps_both_edits() -> None:
+    timer = BIT[R["tcr"].group]                       # the edit only FULL covers
+    assert timer & LEVELS["FULL"] and not timer & LEVELS["RESET"]
     k = seed_sequence(make_cache("regsync", SimTransport(SimKernel())))
     assert k.values["r1"] == 0xAAAA and k.values["tcr"] == 0x1234
 
@@ -222,14 +232,19 @@ def test_mpstate_fetch_flushes_dirty_gprs_then_invalidates(vcpu: SimVcpu) -> Non
     regs.r1 = 0xE1
     k.request_reset()
     log = record_sets(k)
-    assert regs.mp_state == RUNNABLE                    # the fetch applies the reset
+    gets = k.gets["GPRS"]
+    with pytest.warns(EditContradicted, match="r1 0xe1 -> 0x0"):
+        assert regs.mp_state == RUNNABLE                # the fetch applies the reset
     assert log[0][0] == "GPRS" and log[0][1]["r1"] == 0xE1   # edit reached the kernel first
     assert k.sets == {"GPRS": 1} and k.gets["MPSTATE"] == 1
     assert not vcpu.cache.dirty_registers()
-    gets = k.gets["GPRS"]
+    # Written (fetched first: not held), then read back before and after the side
+    # effect (to tell a contradiction from the kernel normalising a value): held.
+    assert k.gets["GPRS"] == gets + 3
     assert regs.r1 == RESET_GPRS["r1"] and regs.pc == RESET_GPRS["pc"]
-    assert k.gets["GPRS"] == gets + 1                   # GPRS was invalidated: one refetch
-    assert regs.esr == 0 and k.gets["SPRS"] == 2        # SPRS too
+    assert k.gets["GPRS"] == gets + 3
+    assert [c.register for c in vcpu.cache.stats.contradicted] == ["r1"]
+    assert regs.esr == 0 and k.gets["SPRS"] == 2        # SPRS was made stale: one refetch
 
 
 def test_mpstate_fetch_without_reset_keeps_the_edit(vcpu: SimVcpu) -> None:
@@ -334,8 +349,9 @@ def test_add_register_outside_the_catalog() -> None:
     v = SimVcpu()
     sprg0 = Register("sprg0", 32, "SPRS", "sprg0")
     v.cache.synchronize(BIT["SPRS"])
-    v.cache.add_register(sprg0)
-    assert v.cache.read(sprg0) == 0 and v.kernel.gets["SPRS"] == 2
+    v.cache.add_register(sprg0)                         # probed: the kernel knows it
+    after_add = transfers(v.kernel)
+    assert v.cache.read(sprg0) == 0 and transfers(v.kernel) == after_add   # held with the group
     v.cache.write(sprg0, 0x5A)
     v.run()
     assert v.kernel.values["sprg0"] == 0x5A and v.kernel.sets == {"SPRS": 1}

@@ -10,11 +10,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-from typing import Any
+from typing import Any, Iterable
 
 from . import structs as s
 from .ioctls import BY_NAME, CAPS
-from .syscall import Counters, KvmError, KvmUnavailable, ioctl, ioctl_interruptible
+from .syscall import Counters, KvmError, KvmUnavailable, MsrError, ioctl, ioctl_interruptible
 
 _OP = BY_NAME
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -239,6 +239,14 @@ class Vcpu(_Handle):
             _libc_munmap(self.run_page_addr, self._map_size)
         super().close()
 
+    def set_signal_mask(self, blocked: Iterable[int] | None) -> None:
+        """KVM_SET_SIGNAL_MASK: the signals blocked while this vCPU is in KVM_RUN (the
+        caller's mask is put back when KVM_RUN returns); None turns the override off.
+
+            vcpu.set_signal_mask(signal.pthread_sigmask(signal.SIG_BLOCK, ()) - {SIGUSR1})
+        """
+        self._io("KVM_SET_SIGNAL_MASK", 0 if blocked is None else s.signal_mask_buffer(blocked))
+
     def run(self) -> int:
         """KVM_RUN. Returns 0, or -EINTR (signal, immediate_exit) or -EAGAIN (INIT, no SIPI yet)."""
         if self.fd < 0:
@@ -336,8 +344,8 @@ class Vcpu(_Handle):
             e.index = idx
         n = self._io("KVM_GET_MSRS", buf)
         if n != len(indices):
-            raise KvmError("KVM_GET_MSRS", self.obj, 22,
-                           f"read {n} of {len(indices)}; MSR {indices[n]:#x} refused")
+            raise MsrError("KVM_GET_MSRS", self.obj, indices, n,
+                           read=[e.data for e in buf.entries[:n]])
         return [e.data for e in buf.entries]
 
     def set_msrs(self, items: list[tuple[int, int]]) -> None:
@@ -347,19 +355,11 @@ class Vcpu(_Handle):
             e.index, e.data = idx, val
         n = self._io("KVM_SET_MSRS", buf)
         if n != len(items):
-            idx, val = items[n]
-            raise KvmError("KVM_SET_MSRS", self.obj, 22,
-                           f"wrote {n} of {len(items)}; MSR {idx:#x} refused value {val:#x}")
+            raise MsrError("KVM_SET_MSRS", self.obj, [i for i, _ in items], n, items[n][1])
 
     def set_cpuid2(self, cpuid: Any) -> None:
         self._io("KVM_SET_CPUID2", cpuid)
 
-    def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
-        dbg = s.kvm_guest_debug()
-        dbg.control = control
-        for i, v in enumerate(debugreg or ()):
-            dbg.arch.debugreg[i] = v
-        self._io("KVM_SET_GUEST_DEBUG", dbg)
     def get_cpuid2(self, max_entries: int = 256) -> Any:
         """KVM_GET_CPUID2: the CPUID this vCPU was given (grown until it fits)."""
         while True:
@@ -373,6 +373,12 @@ class Vcpu(_Handle):
                     raise
                 max_entries *= 2
 
+    def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
+        dbg = s.kvm_guest_debug()
+        dbg.control = control
+        for i, v in enumerate(debugreg or ()):
+            dbg.arch.debugreg[i] = v
+        self._io("KVM_SET_GUEST_DEBUG", dbg)
 
     def nmi(self) -> None:
         self._io("KVM_NMI")

@@ -38,6 +38,23 @@ class KvmError(OSError):
         return self.args[1]
 
 
+class MsrError(KvmError):
+    """KVM_GET_MSRS / KVM_SET_MSRS stopped short: the kernel returns how many entries it
+    processed and stops at the first one it refuses (api.rst, "4.18 KVM_GET_MSRS").
+    The entries before ``processed`` did happen; ``index`` is the MSR it refused."""
+
+    def __init__(self, ioctl: str, obj: str, indices: list[int], processed: int,
+                 value: int | None = None, read: list[int] | None = None) -> None:
+        self.indices, self.processed = list(indices), processed
+        self.index = indices[processed]
+        self.value = value              # SET: the value refused
+        self.read = read or []          # GET: the values of the entries processed
+        what = "read" if value is None else f"write {value:#x} to"
+        super().__init__(ioctl, obj, errno_mod.EINVAL,
+                         f"KVM would not {what} MSR {self.index:#x} "
+                         f"({processed} of {len(indices)} processed)")
+
+
 class KvmUnavailable(RuntimeError):
     """/dev/kvm is missing or unusable on this machine."""
 

@@ -199,7 +199,14 @@ def _build() -> Catalog:
                          doc="0 runnable, 1 uninitialized, 2 init received, 3 halted, "
                              "4 sipi received"))
     regs += [Register(n, 64, g, f"msr:{idx:#x}", volatile=v) for n, idx, g, v in _MSRS]
-    aliases = (Alias("lapic.tpr", "cr8", shift=4, width=8),)
+    # TPR's home is cr8 (SREGS, handed back in kvm_run at every exit). KVM keeps all
+    # eight TPR bits in the LAPIC page, but every KVM_SET_SREGS sets TPR from CR8
+    # (arch/x86/kvm/x86.c __set_sregs_common -> kvm_set_cr8 -> kvm_lapic_set_tpr),
+    # so TPR[3:0] cannot be kept by the home: the alias refuses them.
+    aliases = (Alias("lapic.tpr", "cr8", shift=4, width=8,
+                     doc="TPR[3:0] cannot be kept: the home of TPR is cr8 (TPR[7:4]) and "
+                         "KVM_SET_SREGS rewrites TPR from CR8; write a multiple of 0x10, "
+                         "or cr8"),)
     bits = {g.name: g.bit for g in GROUPS}
     levels = {lv: sum(bits[g] for g in names) for lv, names in LEVEL_GROUPS.items()}
     return Catalog("x86_64", GROUPS, tuple(regs), levels, aliases)

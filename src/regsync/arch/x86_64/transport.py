@@ -13,7 +13,7 @@ import functools
 import operator
 from typing import Any, Callable
 
-from ...kvm import KvmError, Vcpu
+from ...kvm import KvmError, MsrError, Vcpu
 from ...kvm import structs as s
 from ...regdefs import Catalog, FlushError, Group, Register
 from .catalog import CATALOG, SEG_ATTR_FIELDS, msr_index, xsave_component_bit
@@ -44,6 +44,74 @@ FLUSH_ORDER: tuple[str, ...] = (
 )
 # Within the single KVM_SET_MSRS, these indices go last, in this order.
 MSRS_LAST = (0x10, 0x3B, 0x6E0)  # TSC, TSC_ADJUST, TSC_DEADLINE
+
+# Riding the kvm_run page. REGS, SREGS and EVENTS queued in kvm_dirty_regs are
+# applied by KVM_RUN itself (arch/x86/kvm/x86.c sync_regs: regs, then sregs, then
+# events), i.e. after every group written by ioctl in the same flush. That keeps
+# FLUSH_ORDER wherever the group has no "must come before" on a later group:
+# * REGS: nothing later depends on the GPRs, rip or rflags: always rides.
+# * EVENTS: last in FLUSH_ORDER anyway: always rides.
+# * SREGS: apic_base selects how KVM_SET_LAPIC reads the page (xAPIC/x2APIC) and
+#   which MSRs exist (x2APIC MSRs 0x800-0x8ff): when LAPIC is written in the same
+#   flush, or MSRs together with an edited apic_base, SREGS goes by ioctl first.
+MUST_PRECEDE: dict[str, tuple[str, ...]] = {"SREGS": ("LAPIC",)}
+SREGS_BEFORE_MSRS_WHEN_EDITED = "apic_base"
+
+# How an edit of each LAPIC register reaches the kernel. KVM takes only the whole
+# page (KVM_SET_LAPIC -> kvm_apic_set_state, arch/x86/kvm/lapic.c): it loads the
+# registers raw, then re-derives its own state (apic_update_lvtt,
+# apic_manage_nmi_watchdog, update_divide_count, __start_apic_timer(apic,
+# APIC_TMCCT), kvm_recalculate_apic_map, apic_update_ppr). A guest's write of a
+# register (kvm_lapic_reg_write) can do more. Per register, what an edit does:
+#   "kernel"  KVM's re-derivation makes the load act as the guest's write would
+#   "plain"   state with no side effect on a write: loaded as is
+#   "overlay" regsync adds the side effect to the page before KVM_SET_LAPIC
+#   "refuse"  no load can act as the guest's write: refused at assignment
+#             (a snapshot restore puts the whole page back instead)
+LAPIC_EDITS: dict[str, tuple[str, str]] = {
+    "id": ("kernel", "kvm_apic_set_state rebuilds the APIC map from it (in x2APIC mode "
+                     "KVM refuses an ID other than the vCPU's: RegisterWriteError)"),
+    "version": ("refuse", "read-only; KVM recomputes it (kvm_apic_set_version)"),
+    "apr": ("refuse", "read-only to the guest"),
+    "ppr": ("refuse", "read-only, derived from TPR and ISR (apic_update_ppr); edit cr8"),
+    "ldr": ("kernel", "the APIC map is rebuilt from it; in x2APIC mode KVM derives LDR "
+                      "from the ID and the edit is refused at flush"),
+    "dfr": ("kernel", "as ldr; does not exist in x2APIC mode (refused at flush)"),
+    "svr": ("overlay", "clearing bit 8 (software disable) masks every LVT in a guest write "
+                       "(kvm_lapic_reg_write, APIC_SPIV); the load alone does not, so when "
+                       "the edit disables an enabled APIC the mask bits are set in the page "
+                       "(LVTs edited in the same flush keep their edited value)"),
+    "isr": ("refuse", "read-only to the guest: a load would retire interrupts no EOI did"),
+    "tmr": ("refuse", "read-only to the guest"),
+    "irr": ("refuse", "read-only to the guest: a load would post interrupts no device sent"),
+    "esr": ("refuse", "a guest write latches the internal error bits; a load sets any bits"),
+    "icr": ("refuse", "a guest write sends an IPI; KVM_SET_LAPIC only stores the value"),
+    "icr2": ("plain", "the IPI destination: no side effect until icr is written"),
+    "lvt_timer": ("kernel", "apic_update_lvtt applies a mode change as a guest write does "
+                            "(TMICT cleared when switching to or from TSC-deadline)"),
+    "lvt_thermal": ("plain", "no side effect on a write"),
+    "lvt_pmc": ("plain", "no side effect on a write"),
+    "lvt_lint0": ("kernel", "apic_manage_nmi_watchdog runs on the loaded value"),
+    "lvt_lint1": ("plain", "no side effect on a write"),
+    "lvt_error": ("plain", "no side effect on a write"),
+    "tmict": ("overlay", "a guest write loads TMCCT with TMICT and starts the count; the "
+                         "load restarts from the page's TMCCT, so TMCCT is set to TMICT"),
+    "tmcct": ("refuse", "read-only: write lapic.tmict to (re)start the count"),
+    "tdcr": ("kernel", "update_divide_count, then the count goes on from the fresh TMCCT "
+                       "at the new rate, as after a guest write"),
+}
+# Not in the catalog on purpose: EOI (0xB0) is an action, not state; TPR (0x80)
+# is the lapic.tpr alias of cr8 (see catalog.ALIASES).
+_TMICT, _TMCCT, _SVR, _SVR_ENABLE = 0x380, 0x390, 0xF0, 1 << 8
+_LVT_OFFSETS = (0x2F0, 0x320, 0x330, 0x340, 0x350, 0x360, 0x370)   # CMCI, timer .. error
+_LVT_MASKED = 1 << 16
+_X2APIC_ENABLE = 1 << 10           # IA32_APIC_BASE.EXTD
+
+
+def write_refusals(catalog: Catalog) -> dict[Register, str]:
+    """Registers an edit cannot reach the kernel as the guest's write would: why."""
+    return {r: f"{r.name} cannot be edited: {LAPIC_EDITS[r.name[6:]][1]}"
+            for r in catalog.registers_of("LAPIC") if LAPIC_EDITS[r.name[6:]][0] == "refuse"}
 
 _SYNC_FLAG = {"REGS": s.KVM_SYNC_X86_REGS, "SREGS": s.KVM_SYNC_X86_SREGS,
               "EVENTS": s.KVM_SYNC_X86_EVENTS}
@@ -223,6 +291,7 @@ class KvmTransport:
             "REGS": vcpu.set_regs, "SREGS": vcpu.set_sregs, "EVENTS": vcpu.set_vcpu_events,
             "XSAVE": vcpu.set_xsave, "XCRS": vcpu.set_xcrs, "DEBUGREGS": vcpu.set_debugregs}
         self.deferred = 0  # group bits written through kvm_dirty_regs, applied by the next KVM_RUN
+        self.refused_msrs: dict[int, str] = {}   # index -> why KVM_GET_MSRS stopped there
         self._page = memoryview((ctypes.c_uint8 * ctypes.sizeof(s.kvm_run)).from_address(
             ctypes.addressof(self.run))).cast("B")
         # REGS and SREGS need nothing but their kvm_dirty_regs bit once held (EVENTS
@@ -257,11 +326,32 @@ class KvmTransport:
         elif name == "MP_STATE":
             local.mp_state = v.get_mp_state()
         elif name in self.msr_batches:
-            idx = self.msr_batches[name]
             local.clear()
-            local.update(zip(idx, v.get_msrs(idx)) if idx else ())
+            local.update(self._get_msrs(self.msr_batches[name]))
         else:  # pragma: no cover - catalog and transport out of step
             raise KeyError(name)
+
+    def _get_msrs(self, batch: list[int]) -> list[tuple[int, int]]:
+        """KVM_GET_MSRS over the batch. KVM stops at the first MSR it will not read and
+        returns how many it did: keep those, drop the refusing MSR from the batch for
+        good (it then reads as unsupported) and go on with the rest."""
+        got: list[tuple[int, int]] = []
+        todo = list(batch)
+        while todo:
+            try:
+                got += zip(todo, self.vcpu.get_msrs(todo))
+                break
+            except MsrError as e:
+                n = e.processed
+                got += zip(todo[:n], e.read)
+                batch.remove(e.index)
+                self.refused_msrs[e.index] = str(e)
+                todo = todo[n + 1:]
+        return got
+
+    def probe(self, reg: Register) -> int:
+        """Read one MSR outside the catalog; raises MsrError naming it if KVM refuses."""
+        return self.vcpu.get_msrs([msr_index(reg)])[0]
 
     # --- store -----------------------------------------------------------------------
     def store(self, dirty: dict[str, dict[Register, int]], held: int, allow_defer: bool,
@@ -271,14 +361,15 @@ class KvmTransport:
         ``held``: groups whose local copy is current apart from dirty overlays;
         others are fetched fresh first and the dirty values overlaid (set_fn).
         Volatile whole-struct groups are always fetched fresh: see _store_lapic.
-        Sync groups are deferred into kvm_dirty_regs when allow_defer and no
-        later group in FLUSH_ORDER is written by ioctl.
+        Sync groups ride kvm_dirty_regs (applied by the next KVM_RUN, after every
+        ioctl here) when allow_defer and nothing later must follow them: see
+        MUST_PRECEDE beside FLUSH_ORDER.
         """
         names = [n for n in FLUSH_ORDER if n in dirty]
-        last_ioctl = max((i for i, n in enumerate(names) if n not in _SYNC_FLAG
-                          or not (allow_defer and self.use_sync_regs)), default=-1)
+        rides = self._rides(dirty) if allow_defer and self.use_sync_regs else set()
         written: list[tuple[str, bool]] = []
         msr_items: list[tuple[int, int]] = []
+        msr_regs: list[Register] = []
         msr_groups: list[str] = []
         for i, name in enumerate(names):
             group = self.catalog.group_by_name[name]
@@ -287,13 +378,14 @@ class KvmTransport:
             try:
                 if name in ("MSRS", "MSRS_TIME"):
                     # Coalesced: one KVM_SET_MSRS after both groups are gathered.
-                    msr_items += [(msr_index(r), val) for r, val in regs.items()]
+                    msr_regs += regs
                     msr_groups.append(name)
                     nxt = names[i + 1] if i + 1 < len(names) else None
                     if nxt in ("MSRS", "MSRS_TIME"):
                         continue
-                    msr_items.sort(key=lambda it: MSRS_LAST.index(it[0]) + 1
-                                   if it[0] in MSRS_LAST else 0)
+                    msr_regs.sort(key=lambda r: MSRS_LAST.index(msr_index(r)) + 1
+                                  if msr_index(r) in MSRS_LAST else 0)
+                    msr_items = [(msr_index(r), dirty[r.group][r]) for r in msr_regs]
                     self.vcpu.set_msrs(msr_items)
                     written += [(g, False) for g in msr_groups]
                     continue
@@ -301,7 +393,7 @@ class KvmTransport:
                 if name == "MP_STATE":
                     self.vcpu.set_mp_state(local.mp_state)
                 elif name == "LAPIC":
-                    self._store_lapic(regs, set_fn)
+                    self._store_lapic(regs, set_fn, held)
                     fetched = True
                 else:
                     if not held & group.bit:
@@ -323,12 +415,17 @@ class KvmTransport:
                             if val:
                                 bv |= 1 << xsave_component_bit(int(r.field[6:]))
                         local[XSTATE_BV_OFFSET:XSTATE_BV_OFFSET + 8] = bv.to_bytes(8, "little")
-                    if name in _SYNC_FLAG and i > last_ioctl:
+                    if name in rides:
                         self.run.kvm_dirty_regs |= _SYNC_FLAG[name]
                         self.deferred |= group.bit
                     else:
                         self._set_by_ioctl(name, local)
-            except KvmError as e:
+            except MsrError as e:
+                # KVM_SET_MSRS stops at the MSR it refuses: those before it happened.
+                done = msr_regs[:e.processed]
+                raise FlushError("+".join(msr_groups), [msr_regs[e.processed].name], e,
+                                 [n for n, _ in written], done) from None
+            except (KvmError, ValueError) as e:
                 failed = msr_groups if name in ("MSRS", "MSRS_TIME") else [name]
                 regs_named = [r.name for g in failed for r in dirty[g]]
                 raise FlushError("+".join(failed), regs_named, e,
@@ -336,13 +433,28 @@ class KvmTransport:
             written.append((name, fetched))
         return written
 
+    def _rides(self, dirty: dict[str, dict[Register, int]]) -> set[str]:
+        """The dirty sync groups that may go through kvm_dirty_regs in this flush."""
+        out = set()
+        for name in _SYNC_FLAG:
+            if name not in dirty:
+                continue
+            if any(later in dirty for later in MUST_PRECEDE.get(name, ())):
+                continue
+            if name == "SREGS" and ("MSRS" in dirty or "MSRS_TIME" in dirty) and any(
+                    r.name == SREGS_BEFORE_MSRS_WHEN_EDITED for r in dirty[name]):
+                continue
+            out.add(name)
+        return out
+
     def _set_by_ioctl(self, name: str, local: Any) -> None:
         self._struct_set[name](local)
 
-    def _store_lapic(self, regs: dict[Register, int], set_fn: Callable[[Register, Any, int], None]
-                     ) -> None:
+    def _store_lapic(self, regs: dict[Register, int], set_fn: Callable[[Register, Any, int], None],
+                     held: int) -> None:
         """KVM only takes the whole LAPIC page, and IRR/ISR/the timer move while the
-        vCPU is stopped: fetch it fresh, overlay only the dirty registers, write.
+        vCPU is stopped: fetch it fresh, overlay only the dirty registers and the
+        side effects LAPIC_EDITS lists, write.
 
         Window: an interrupt the in-kernel LAPIC accepts between the GET and the
         SET is overwritten by the SET. It is two back-to-back ioctls on the vCPU's
@@ -350,11 +462,31 @@ class KvmTransport:
         in those microseconds can hit it; QEMU's whole-state write-back has the
         same window widened to the time since the last fetch.
         """
+        names = {r.name for r in regs}
+        if names & {"lapic.ldr", "lapic.dfr"} and self._x2apic(held):
+            raise ValueError(f"{' and '.join(sorted(names & {'lapic.ldr', 'lapic.dfr'}))}: "
+                             "read-only in x2APIC mode (KVM derives LDR from the APIC ID)")
         local = self._locals["LAPIC"]
         self.vcpu.get_lapic(local)
+        was_enabled = int.from_bytes(local[_SVR:_SVR + 4], "little") & _SVR_ENABLE
         for r, val in regs.items():
             set_fn(r, local, val)
+        if "lapic.tmict" in names:
+            local[_TMCCT:_TMCCT + 4] = local[_TMICT:_TMICT + 4]
+        if "lapic.svr" in names and was_enabled \
+                and not int.from_bytes(local[_SVR:_SVR + 4], "little") & _SVR_ENABLE:
+            edited = {int(r.field[6:], 16) for r in regs}
+            for off in _LVT_OFFSETS:
+                if off not in edited:       # an LVT edited in the same flush says what it wants
+                    lvt = int.from_bytes(local[off:off + 4], "little") | _LVT_MASKED
+                    local[off:off + 4] = lvt.to_bytes(4, "little")
         self.vcpu.set_lapic(local)
+
+    def _x2apic(self, held: int) -> bool:
+        sregs = self.catalog.group_by_name["SREGS"]
+        if not held & sregs.bit:
+            self.fetch(sregs)
+        return bool(self._locals["SREGS"].apic_base & _X2APIC_ENABLE)
 
     def defer(self, mask: int) -> None:
         """Queue held sync groups (values already in the kvm_run page) for the next run."""
