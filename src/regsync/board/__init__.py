@@ -89,6 +89,8 @@ class PcBoard:
         """ACPI tables into guest memory (again after every reset: RAM was cleared)."""
         for addr, data in acpi.build(ACPI_TABLES_ADDR, RSDP_ADDR, len(self.m.vcpus)).items():
             self.m.memory.write(addr, data)
+        if self.m.irqchip:
+            self.program_pic()
 
     def memory_map(self) -> list[tuple[int, int, int]]:
         return multiboot.memory_map(self.ram_size, self.reserved)

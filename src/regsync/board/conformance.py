@@ -45,6 +45,15 @@ CASES: tuple[Case, ...] = (
     Case("multiboot info", "mbinfo", ("-append", "answer=42", "-initrd", "{module}"), "qboot"),
     Case("fw_cfg", "fwcfg", ("-smp", "2", "-append", "cpus=2"), "qboot"),
     Case("ACPI + PM timer", "acpi", ("-smp", "3", "-append", "cpus=3"), "qboot"),
+    Case("SMP bring-up from the MADT (INIT/SIPI), 2 vCPUs", "smp", ("-smp", "2", "-append", "cpus=2"),
+         "qboot"),
+    Case("SMP bring-up from the MADT (INIT/SIPI), 4 vCPUs", "smp", ("-smp", "4", "-append", "cpus=4"),
+         "qboot"),
+    Case("CMOS memory bytes, RTC against the PM timer", "cmos", ("-smp", "2", "-append", "cpus=2"),
+         "qboot"),
+    Case("pc-testdev ports and iomem, PCI host bridge", "testdev", ("-device", "pc-testdev"), "qboot"),
+    Case("PIC (as SeaBIOS leaves it) + IOAPIC via pc-testdev", "irq", ("-device", "pc-testdev"),
+         "seabios"),
 )
 
 
