@@ -15,8 +15,9 @@ full restore would (RESET_POLICY, measured on this host; see the table):
   changes while the LAPIC is written (RESTORE_ORDER: SREGS before LAPIC).
 * "check": one GET; the SET only when it differs. For groups a run rarely
   changes and whose SET costs more than the GET here.
-* "blind": the SET without a look. For state that always moves (TSC, kvmclock)
-  and for MP_STATE, whose GET processes INIT/SIPI and so would make the cache
+* "blind": the SET without a look. For state that always moves (TSC, kvmclock,
+  and the PIT, whose counts run from a load time KVM_SET_PIT2 re-bases to now:
+  i8254.c kvm_pit_load_count) and for MP_STATE, whose GET processes INIT/SIPI and so would make the cache
   drop the free kvm_run copies of REGS/SREGS/EVENTS (catalog: MP_STATE
   invalidates them); its SET costs no more than the GET.
 
@@ -42,7 +43,7 @@ from ..kvm import structs as ks
 from ..memory import PAGE, PAGE_SHIFT
 from .order import RESTORE_ORDER, VM_RESTORE_ORDER
 from .state import (BASELINE, MachineState, SnapshotError, after_restore, apply, capture,
-                    capture_vm, on_each_vcpu, paused, put_devices, put_group, put_vm_part,
+                    get_vm_part, on_each_vcpu, paused, put_devices, put_group, put_vm_part,
                     settle)
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ RESET_POLICY: dict[str, str] = {
     "MP_STATE": "blind", "REGS": "compare", "SREGS": "compare", "XSAVE": "check",
     "XCRS": "check", "DEBUGREGS": "check", "LAPIC": "check", "MSRS": "check",
     "MSRS_TIME": "blind", "EVENTS": "compare",
-    "pit": "check", "clock": "blind", "pic_master": "check", "pic_slave": "check",
+    "pit": "blind", "clock": "blind", "pic_master": "check", "pic_slave": "check",
     "ioapic": "check",
 }
 # What a guest that touches only general registers, flags, segments and memory leaves alone.
@@ -139,10 +140,10 @@ def _reset_memory(m: "Machine", snap: Snapshot) -> None:
 def _reset_vm(m: "Machine", st: MachineState, skip: frozenset[str]) -> None:
     if not st.vm:
         return
-    todo = [n for n in VM_RESTORE_ORDER if n in st.vm and n not in skip]
-    current = capture_vm(m) if any(RESET_POLICY[n] == "check" for n in todo) else {}
-    for name in todo:
-        if RESET_POLICY[name] == "check" and current.get(name) == st.vm[name]:
+    for name in VM_RESTORE_ORDER:
+        if name not in st.vm or name in skip:
+            continue
+        if RESET_POLICY[name] == "check" and get_vm_part(m, name) == st.vm[name]:
             continue
         put_vm_part(m, name, st.vm[name])
 

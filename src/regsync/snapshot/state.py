@@ -149,15 +149,21 @@ def capture_vcpu(v: "Vcpu") -> VcpuState:
                      {n: groups[n] for n in CAPTURE_ORDER if n in groups})
 
 
+def get_vm_part(m: "Machine", name: str) -> bytes:
+    """One VM-wide part as the kernel's bytes: pit, clock, pic_master, pic_slave, ioapic."""
+    vm = m.vm
+    if name == "pit":
+        return bytes(vm.get_pit2().to_bytes())
+    if name == "clock":
+        return bytes(vm.get_clock().to_bytes())
+    return bytes(vm.get_irqchip(_IRQCHIPS[name]).to_bytes())
+
+
 def capture_vm(m: "Machine") -> dict[str, bytes]:
     """PIT, kvmclock, PIC master/slave and IOAPIC (nothing without an in-kernel irqchip)."""
     if not m.irqchip:
         return {}
-    vm = m.vm
-    out = {"pit": vm.get_pit2().to_bytes(), "clock": vm.get_clock().to_bytes()}
-    for name, chip in _IRQCHIPS.items():
-        out[name] = vm.get_irqchip(chip).to_bytes()
-    return out
+    return {name: get_vm_part(m, name) for name in VM_RESTORE_ORDER}
 
 
 def resident_runs(mem: Any, host_addr: int, size: int) -> list[tuple[int, int]]:
@@ -338,11 +344,13 @@ def put_devices(m: "Machine", devices: dict[str, dict[str, Any]]) -> None:
         dev, saved = getattr(m, name, None), devices.get(name)
         if dev is not None and saved:
             for f in fields:
-                if f in saved and hasattr(dev, f):
+                if f in saved and hasattr(dev, f) and getattr(dev, f) != saved[f]:
                     setattr(dev, f, saved[f])
-    wd = getattr(m, "watchdog", None)
-    if wd is not None and "watchdog" in devices and hasattr(wd, "load_state"):
-        wd.load_state(devices["watchdog"])
+    wd, saved_wd = getattr(m, "watchdog", None), devices.get("watchdog")
+    if wd is not None and saved_wd is not None and hasattr(wd, "load_state"):
+        # Disarmed then and now: nothing to do (and no wake-up of its thread).
+        if saved_wd.get("left") is not None or wd.armed:
+            wd.load_state(saved_wd)
 
 
 def apply(m: "Machine", st: MachineState, *, fresh: bool = False) -> None:
