@@ -326,47 +326,6 @@ class Machine(VmmMixin):
             raise
         return m
 
-    # --- snapshots: thin doors into regsync.snapshot ---------------------------------------
-    def snapshot(self) -> "Snapshot":
-        """The whole state in memory (cheap: populated pages only); reset_to() goes back."""
-        from .snapshot import take
-        return take(self)
-
-    def reset_to(self, snap: "Snapshot", *, assume_unchanged: Iterable[str] = ()) -> None:
-        """Back to snap, writing only dirty pages and register groups that differ."""
-        from .snapshot import reset_to
-        reset_to(self, snap, assume_unchanged=assume_unchanged)
-
-    def save(self, path: str | os.PathLike[str]) -> int:
-        """Write the whole state to a snapshot file (atomically); returns its size."""
-        from .snapshot import capture, write
-        return write(path, capture(self))
-
-    def restore(self, path: str | os.PathLike[str]) -> None:
-        """Put a snapshot file's state into this machine (same shape); the file is
-        validated whole first, and a refusal leaves the machine untouched."""
-        from .snapshot import apply, read
-        apply(self, read(path).state)
-
-    @classmethod
-    def from_snapshot(cls, path: str | os.PathLike[str], **kwargs: Any) -> "Machine":
-        """A new Machine in the saved state, its vCPUs not started (start() runs it)."""
-        from .snapshot import SnapshotError, apply, read
-        st = read(path).state
-        if len(st.memory) != 1 or st.memory[0].gpa != 0 or st.mem_bytes % (1 << 20):
-            raise SnapshotError(f"{path}: memory layout {[(s.gpa, s.size) for s in st.memory]} "
-                                f"is not one this Machine builds (one slot at 0, whole MiB)")
-        try:
-            m = cls(mem_mb=st.mem_bytes >> 20, smp=st.smp, irqchip=st.irqchip, **kwargs)
-        except ValueError as e:
-            raise SnapshotError(f"{path}: this host cannot take the snapshot's machine: {e}") from None
-        try:
-            apply(m, st, fresh=True)
-        except BaseException:
-            m.close()
-            raise
-        return m
-
     # --- lifetime ----------------------------------------------------------------------
     def close(self) -> None:
         """Stop the vCPU threads, wait until every one has left KVM_RUN for good, then
