@@ -12,29 +12,56 @@ kvm_cache_regs.h does:
   apart from registers that are dirty.
 * ``dirty`` (per register, kept per group): changed locally, not yet in KVM.
 
-Rules (shared/DESIGN.md):
-1. A read returns the newest value: a dirty register, or a held group, answers
-   locally; otherwise its group is fetched and the dirty registers of that group
-   are laid back over the fetched copy (a fetch never overwrites an edit).
+Rules (docs/DESIGN.md):
+1. A read returns the newest value: a dirty register, or a non-volatile register
+   of a held group, answers locally; otherwise its group is fetched and the dirty
+   registers of that group are laid back over the copy (a fetch never overwrites
+   an edit).
 2. A write makes the register dirty (and its value local). Reads never dirty.
+   A register whose edit cannot reach the kernel as the guest's own write would
+   (transport: LAPIC_EDITS) is refused at assignment, before anything is queued.
 3. Before the vCPU runs, dirty registers reach KVM, coalesced per group in the
-   transport's order; nothing that is not dirty is written.
+   transport's order; nothing that is not dirty is written. Groups KVM_RUN can
+   apply itself (kvm_dirty_regs) ride the kvm_run page wherever the order allows.
 4. Volatile whole-struct groups are fetched fresh at flush and overlaid (the
    transport documents the remaining window beside the code).
-5. synchronize(mask) fetches ``mask & ~held`` keeping every edit; asking for less
-   than is held is a no-op. This is the seed's synchronize_state with its
-   data-integrity bug fixed: widening the level never loses local edits.
+5. synchronize(mask) fetches ``mask & ~held`` keeping every edit, plus every
+   volatile group in the mask; asking again for non-volatile groups already held
+   is a no-op. This is the seed's synchronize_state with its data-integrity bug
+   fixed: widening the level never loses local edits.
 6. After KVM_RUN, held = the groups KVM handed back in the kvm_run page.
-7. A flush with nothing dirty, or a read of a held register, costs no syscall.
+7. A flush with nothing dirty, or a read of a held non-volatile register, costs
+   no syscall.
 8. If KVM refuses a write, the vCPU does not run, RegisterWriteError names the
    group and registers, and the dirty values stay (correct them or discard()).
-9. Transfers happen on the vCPU's own thread (``owner``); others use run_on_cpu.
+   Of a partly processed batch (KVM_SET_MSRS stops at the first MSR it refuses)
+   the registers the kernel took are clean, the refused one and the rest dirty.
+9. Every transfer and every mutation of the cache (read miss, write, flush, run,
+   synchronize, discard, invalidate) happens on the owner thread (``owner``, the
+   vCPU thread while it runs; any thread when there is none); others use
+   run_on_cpu. WrongThreadError otherwise.
 
+Volatile values
+---------------
+A register marked volatile in the catalog (LAPIC IRR/ISR/TMCCT/PPR/ESR,
+mp_state, pending NMI and SIPI vector, the TSC MSRs) changes in the kernel while
+this vCPU is stopped: other vCPUs send IPIs, the in-kernel irqchip and timers
+deliver, INIT/SIPI arrive. A fetched copy of it is a sample, trusted for the
+call that fetched it and no longer: every read() of a volatile register fetches
+its group, and every synchronize()/dump() fetches the volatile groups in its mask
+again (a dump is one consistent sample). Non-volatile registers of the same group
+still answer from the copy.
+
+Fetches with side effects
+-------------------------
 Groups whose fetch has side effects (KVM_GET_MP_STATE processes a pending
-INIT/SIPI) list the groups they make stale. Before such a fetch the cache
-flushes the dirty registers of those groups (by ioctl, as the run would have),
-then fetches and drops ``held`` for them, so a later read sees the kernel's new
-state and no edit is silently dropped.
+INIT/SIPI) list the groups they make stale. Before such a fetch the cache writes
+the dirty registers of those groups (by ioctl, as the run would have), then
+fetches and drops ``held`` for them; synchronize() fetches them again, so a dump
+after a SIPI shows the kernel's registers. An edit the side effect then
+overwrote is reported, never hidden: the edited groups are read back just before
+and just after the fetch, and each edited register whose value changed becomes a
+Contradiction in ``stats.contradicted`` and an EditContradicted warning.
 """
 
 from __future__ import annotations

@@ -628,8 +628,8 @@ class VmmMixin:
         v = self.vcpus[vcpu_id]
         try:
             state = self.run_on_cpu(v, lambda: v.regs.dump(), timeout=10)
-        except (VcpuStopped, TimeoutError) as e:
-            state = {"error": str(e)}
+        except Exception as e:          # noqa: BLE001 - the record is best effort; the stop is not
+            state = {"error": f"{type(e).__name__}: {e}"}
         self.watchdog_records.append({"vcpu": vcpu_id, "registers": state})
         _report(f"regsync: watchdog expired on vCPU {vcpu_id} (rip={state.get('rip', 0):#x}); "
                 f"{'resetting' if self.watchdog_action == 'reset' else 'stopping'} the guest")

@@ -261,3 +261,20 @@ def test_a_refused_msr_does_not_lose_a_gpr_edit_queued_beside_it(counter) -> Non
     v.discard("MSRS")
     run_to_tick(m, v)
     assert v.regs.r12 == 1001
+
+
+def test_watchdog_stops_the_guest_even_when_its_register_record_fails(monkeypatch) -> None:
+    """Before: a dump() that raised (a poisoned MSR batch) killed the watchdog thread with a
+    traceback and the guest was never stopped."""
+    with Machine(smp=1) as m:
+        m.load("watchdog", arg=0xFFFF)
+        v = m.vcpus[0]
+
+        def broken(*a, **k):
+            raise KvmError("KVM_GET_MSRS", "vcpu 0", 22, "injected")
+
+        monkeypatch.setattr(type(v.regs), "dump", broken)
+        m.start()
+        assert m.wait(60) == 124
+        assert m.watchdog.expiries == 1
+        assert "KVM_GET_MSRS" in m.watchdog_records[0]["registers"]["error"]
