@@ -24,6 +24,7 @@ change K as the sim kernel does. Invariants:
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
@@ -225,7 +226,8 @@ class EagerMachine(CacheMachine):
     strategy = "eager"
 
 
-SETTINGS = settings(max_examples=200, stateful_step_count=40, deadline=None)
+# 200 interleavings each in CI; REGSYNC_HYPOTHESIS=deep: 10,000 (tests/conftest.py).
+SETTINGS = settings.get_profile(os.environ.get("REGSYNC_HYPOTHESIS", "quick") + "-sim")
 TestCacheModelSync = CacheMachine.TestCase
 TestCacheModelSync.settings = SETTINGS
 TestCacheModelNoSync = NoSyncMachine.TestCase

@@ -56,6 +56,7 @@ class PcBoard:
             machine.mmio_handlers.append(self._testdev_mmio)
         if machine.irqchip:
             machine.serial.irq = lambda level: self.irq(machine.serial.IRQ, level)
+            machine.vm.set_gsi_routing(qemu_gsi_routes())
 
     # --- interrupts --------------------------------------------------------------------
     def irq(self, line: int, level: int) -> None:
@@ -94,6 +95,19 @@ class PcBoard:
 
     def memory_map(self) -> list[tuple[int, int, int]]:
         return multiboot.memory_map(self.ram_size, self.reserved)
+
+
+def qemu_gsi_routes() -> list[tuple[int, int, int]]:
+    """(gsi, irqchip, pin) as QEMU's pc routes them (hw/i386/kvm/ioapic.c
+    kvm_pc_setup_irq_routing): ISA IRQs 0-7 but 2 to the master PIC, 8-15 to the
+    slave, and GSI 0 to IOAPIC pin 2 (the MADT's IRQ0 override), every other GSI
+    but 2 to its own IOAPIC pin. KVM's default routing sends GSI 0 to pin 0,
+    where a kernel following the MADT never looks for the PIT."""
+    master, slave, ioapic = 0, 1, 2       # KVM_IRQCHIP_PIC_MASTER, _SLAVE, _IOAPIC
+    routes = [(i, master, i) for i in range(8) if i != 2]
+    routes += [(i, slave, i - 8) for i in range(8, 16)]
+    routes += [(i, ioapic, 2 if i == 0 else i) for i in range(24) if i != 2]
+    return routes
 
 
 def make_board(name: str, machine: Any, **options: Any) -> PcBoard:

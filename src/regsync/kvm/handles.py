@@ -144,6 +144,11 @@ class Vm(_Handle):
         """KVM_IRQ_LINE: drive a GSI of the in-kernel irqchip."""
         self._io("KVM_IRQ_LINE", s.kvm_irq_level(irq, level))
 
+    def set_gsi_routing(self, routes: list[tuple[int, int, int]]) -> None:
+        """KVM_SET_GSI_ROUTING: the whole table, (gsi, irqchip, pin) per entry; it
+        replaces KVM's default routing. ``vm.set_gsi_routing([(0, 2, 2)])``"""
+        self._io("KVM_SET_GSI_ROUTING", s.irq_routing_buffer(routes))
+
     def enable_cap(self, cap: str | int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM (e.g. MANUAL_DIRTY_LOG_PROTECT2 with its mode bits)."""
         c = s.kvm_enable_cap()

@@ -69,6 +69,7 @@ TABLE: tuple[Ioctl, ...] = (
     Ioctl("KVM_SET_IDENTITY_MAP_ADDR", "vm", _W, 0x48, None, ctypes.c_uint64),
     Ioctl("KVM_CREATE_IRQCHIP", "vm", _N, 0x60, None),
     Ioctl("KVM_IRQ_LINE", "vm", _W, 0x61, s.kvm_irq_level),
+    Ioctl("KVM_SET_GSI_ROUTING", "vm", _W, 0x6a, s.kvm_irq_routing),
     Ioctl("KVM_CREATE_PIT2", "vm", _W, 0x77, s.kvm_pit_config),
     # The same request on a VM fd answers for that VM (KVM_CAP_XSAVE2's size).
     Ioctl("KVM_VM_CHECK_EXTENSION", "vm", _N, 0x03, None, c_name="KVM_CHECK_EXTENSION"),
@@ -120,7 +121,8 @@ BY_NAME: dict[str, Ioctl] = {i.name: i for i in TABLE}
 # KVM_CHECK_EXTENSION arguments (KVM_CAP_*), for the capabilities regsync probes.
 CAPS: dict[str, int] = {
     "IRQCHIP": 0, "HLT": 1, "USER_MEMORY": 3, "SET_TSS_ADDR": 4, "NR_VCPUS": 9,
-    "NR_MEMSLOTS": 10, "PIT": 11, "MP_STATE": 14, "SET_GUEST_DEBUG": 23, "PIT2": 33,
+    "NR_MEMSLOTS": 10, "PIT": 11, "MP_STATE": 14, "SET_GUEST_DEBUG": 23, "IRQ_ROUTING": 25,
+    "PIT2": 33,
     "SET_IDENTITY_MAP_ADDR": 37, "VCPU_EVENTS": 41, "DEBUGREGS": 50,
     "X86_ROBUST_SINGLESTEP": 51, "ENABLE_CAP": 54, "XSAVE": 55, "XCRS": 56,
     "MAX_VCPUS": 66, "ONE_REG": 70, "TSC_DEADLINE_TIMER": 72, "SYNC_REGS": 74,
@@ -136,7 +138,7 @@ _NOT_REGISTER_STATE = frozenset({
     "KVM_SET_GUEST_DEBUG", "KVM_SET_CPUID2", "KVM_GET_CPUID2", "KVM_GET_SUPPORTED_CPUID",
     "KVM_GET_MSR_INDEX_LIST", "KVM_GET_MSR_FEATURE_INDEX_LIST", "KVM_SET_USER_MEMORY_REGION",
     "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_GET_CLOCK", "KVM_SET_CLOCK",
-    "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP",
+    "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP", "KVM_SET_GSI_ROUTING",
     "KVM_GET_API_VERSION", "KVM_GET_VCPU_MMAP_SIZE", "KVM_SET_SIGNAL_MASK", "KVM_GET_DIRTY_LOG",
     "KVM_CLEAR_DIRTY_LOG"})
 

@@ -264,6 +264,40 @@ class kvm_irq_level(KvmStruct):
     _fields_ = [("irq", c_uint32), ("level", c_uint32)]
 
 
+# --- KVM_SET_GSI_ROUTING: which irqchip pin each GSI drives --------------------------
+class kvm_irq_routing_irqchip(KvmStruct):
+    _fields_ = [("irqchip", c_uint32), ("pin", c_uint32)]
+
+
+class _routing_union(Union):
+    # msi, s390 adapter, hv_sint and xen_evtchn members are not used: the pad is their size.
+    _fields_ = [("irqchip", kvm_irq_routing_irqchip), ("pad", c_uint32 * 8)]
+
+
+class kvm_irq_routing_entry(KvmStruct):
+    _fields_ = [("gsi", c_uint32), ("type", c_uint32), ("flags", c_uint32), ("pad", c_uint32),
+                ("u", _routing_union)]
+
+
+class kvm_irq_routing(KvmStruct):
+    """Header only; irq_routing_buffer() appends the entries."""
+    _fields_ = [("nr", c_uint32), ("flags", c_uint32)]
+
+
+KVM_IRQ_ROUTING_IRQCHIP = 1
+
+
+def irq_routing_buffer(routes: "list[tuple[int, int, int]]") -> Any:
+    """A kvm_irq_routing with one irqchip entry per (gsi, irqchip, pin)."""
+    buf = _flex((("nr", c_uint32), ("flags", c_uint32)), "entries", kvm_irq_routing_entry,
+                len(routes))()
+    buf.nr = len(routes)
+    for e, (gsi, chip, pin) in zip(buf.entries, routes):
+        e.gsi, e.type = gsi, KVM_IRQ_ROUTING_IRQCHIP
+        e.u.irqchip.irqchip, e.u.irqchip.pin = chip, pin
+    return buf
+
+
 class kvm_enable_cap(KvmStruct):
     _fields_ = [("cap", c_uint32), ("flags", c_uint32), ("args", c_uint64 * 4),
                 ("pad", c_uint8 * 64)]
@@ -461,6 +495,8 @@ LAYOUT_CHECKED: dict[str, tuple[type, tuple[str, ...]]] = {
                                      "userspace_addr")),
     "kvm_pit_config": (kvm_pit_config, ("flags",)),
     "kvm_irq_level": (kvm_irq_level, ("irq", "level")),
+    "kvm_irq_routing_entry": (kvm_irq_routing_entry, ("gsi", "type", "flags", "u")),
+    "kvm_irq_routing": (kvm_irq_routing, ("nr", "flags")),
     "kvm_enable_cap": (kvm_enable_cap, ("cap", "flags", "args")),
     "kvm_sync_regs": (kvm_sync_regs, ("regs", "sregs", "events")),
     "kvm_run": (kvm_run, ("request_interrupt_window", "immediate_exit", "exit_reason",
