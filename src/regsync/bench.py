@@ -8,7 +8,8 @@ Workloads (each a guest loop; the VMM's work per exit differs):
 Strategies:
   raw        hand-written loop on the kvm_run page's sync regs, no cache (the
              limit for Python; XSAVE by ioctl where a workload needs it)
-  eager, qemu                      the comparison strategies (no SYNC_REGS)
+  eager, qemu2012, qemu2013, qemu  the comparison strategies (no SYNC_REGS;
+                                   strategies/qemu.py: what each QEMU wrote)
   regsync-nosync, regsync          the cache without and with KVM_CAP_SYNC_REGS
 
 Speed goals live here, never in tests. Rates vary with the host's load, so the
@@ -34,7 +35,8 @@ from .machine import Machine
 from .vcpu import LEVELS
 
 WORKLOADS = ("pio", "hypercall", "debugger", "monitor")
-STRATEGIES = ("raw", "eager", "qemu", "regsync-nosync", "regsync")
+STRATEGIES = ("raw", "eager", "qemu2012", "qemu2013", "qemu", "regsync-nosync", "regsync")
+COMPARISON = ("eager", "qemu2012", "qemu2013", "qemu")
 _FXSAVE_HEAD = struct.Struct("<HHBBHQQI")   # fcw fsw ftw pad fop fip fdp mxcsr
 
 
@@ -220,7 +222,7 @@ def run_all(quick: bool = False, progress: Callable[[str], None] = print) -> lis
     for w in WORKLOADS:
         # The comparison strategies cost a register round trip per exit: fewer exits
         # keep the run short (rates, not totals, are compared). Monitor needs > 1,000.
-        sizes = {s: base // 10 if s in ("eager", "qemu") and w in ("hypercall", "debugger")
+        sizes = {s: base // 10 if s in COMPARISON and w in ("hypercall", "debugger")
                  else base for s in STRATEGIES}
         runs: dict[str, list[Run]] = {s: [] for s in STRATEGIES}
         ratios: dict[str, list[float]] = {s: [] for s in STRATEGIES}
