@@ -23,6 +23,7 @@ from . import __version__
 from .bench import DEFAULT_OUT as DEFAULT_BENCH_OUT   # git-ignored; the tracked file needs --out
 from .gdb.adapter import KILL_STATUS
 from .guests import GUESTS
+from .snapshot import cli as snapshot_cli
 from .strategies import STRATEGIES
 from .vmm import EXIT_FATAL, EXIT_WATCHDOG
 
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpu", metavar="host[,+FEAT|-FEAT...]",
                    help="filter KVM's CPUID as QEMU's -cpu host,-x2apic,+feature does")
 
+    snapshot_cli.add_run_options(r)
+
     g = sub.add_parser("regs", help="dump the registers at the Nth exit of vCPU 0")
     g.add_argument("guest", help="bundled guest name or an image path (one vCPU)")
     g.add_argument("--exit", type=_positive, default=1, metavar="N", dest="nexit",
@@ -165,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(regsync-qemu -kernel FILE ...; see regsync qemu --help)", add_help=False)
     sub.add_parser("info", help="KVM capabilities, register groups and levels")
     sub.add_parser("list", help="the bundled guests")
+
+    snapshot_cli.add_snapshot_parser(sub)
 
     b = sub.add_parser("bench", help="run the benchmarks (table + JSON)")
     b.add_argument("--quick", action="store_true", help="fewer iterations")
@@ -222,6 +227,7 @@ def _one_line(e: BaseException) -> str:
 # --- run ---------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from .machine import Machine
+    snapshot_cli.shape_from_snapshot(args)      # --restore: vCPUs and memory from the file
     if args.wait and not args.gdb:
         raise CliError("--wait needs --gdb PORT")
     if args.json:
@@ -245,7 +251,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(m: Any, args: argparse.Namespace) -> int:
     """Load, optionally serve gdb, run until the guest exits; the exit status."""
-    m.load(args.guest, arg=args.arg, cmdline=args.append, initrd=args.initrd)
+    if not snapshot_cli.restore_into(m, args):
+        m.load(args.guest, arg=args.arg, cmdline=args.append, initrd=args.initrd)
     for v in m.vcpus:
         v.end_setup()                # what follows is the run (see --stats)
     server = None
@@ -270,6 +277,7 @@ def _run(m: Any, args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
+    snapshot_cli.save_on_exit(m, args)
     wall = time.perf_counter() - t0
     if args.stats:
         _print_stats(m, wall, args.json)
@@ -432,7 +440,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"run": cmd_run, "regs": cmd_regs, "info": cmd_info, "list": cmd_list,
-             "bench": cmd_bench}
+             "bench": cmd_bench, "snapshot": snapshot_cli.cmd_snapshot}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
