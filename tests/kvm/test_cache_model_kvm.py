@@ -222,7 +222,8 @@ class KvmCacheModel(RuleBasedStateMachine):
     @precondition(lambda self: self.ap_started())
     @rule()
     def run_ap(self) -> None:
-        assert self.v[AP].regs.mp_state == KVM_MP_STATE_RUNNABLE   # KVM_RUN would not block
+        state = self.v[AP].regs.mp_state
+        assert state == KVM_MP_STATE_RUNNABLE, f"AP mp_state {state} after its SIPI was processed"
         self.run_to_tick(AP)
         self.ap = "running"
         self.after_run(AP)
