@@ -242,3 +242,7 @@ def _nmi(target: "MachineTarget", args: list[str]) -> str:
         target._call(v, v.handle.nmi)          # KVM_NMI, on the vCPU's own thread
     return "NMI queued for vCPU " + ", ".join(str(v.id) for v in vcpus) + \
         " (delivered when it runs)\n"
+
+
+# Commands other packages own register on import (the snapshot room: savevm, loadvm).
+from ..snapshot import monitor as _snapshot_monitor  # noqa: E402,F401  (registers)
