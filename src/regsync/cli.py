@@ -23,7 +23,9 @@ from . import __version__
 from .bench import DEFAULT_OUT as DEFAULT_BENCH_OUT   # git-ignored; the tracked file needs --out
 from .gdb.adapter import KILL_STATUS
 from .guests import GUESTS
+from .kvm.ioctls import moves_register_state
 from .snapshot import cli as snapshot_cli
+from .trace import cli as trace_cli
 from .strategies import STRATEGIES
 from .vmm import EXIT_FATAL, EXIT_WATCHDOG
 
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="filter KVM's CPUID as QEMU's -cpu host,-x2apic,+feature does")
 
     snapshot_cli.add_run_options(r)
+    trace_cli.add_run_options(r)
 
     g = sub.add_parser("regs", help="dump the registers at the Nth exit of vCPU 0")
     g.add_argument("guest", help="bundled guest name or an image path (one vCPU)")
@@ -170,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="the bundled guests")
 
     snapshot_cli.add_snapshot_parser(sub)
+    trace_cli.add_trace_parser(sub)
 
     b = sub.add_parser("bench", help="run the benchmarks (table + JSON)")
     b.add_argument("--quick", action="store_true", help="fewer iterations")
@@ -246,10 +250,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         m = stack.enter_context(Machine(mem_mb=args.mem, smp=args.smp, strategy=args.strategy,
                                         watchdog_action=args.watchdog_action, serial_out=sink,
                                         board=args.board, testdev=args.testdev, cpu=args.cpu))
-        return _run(m, args)
+        tracing = trace_cli.start(m, args, stack) if args.trace_sync else None
+        return _run(m, args, tracing is not None)
 
 
-def _run(m: Any, args: argparse.Namespace) -> int:
+def _run(m: Any, args: argparse.Namespace, tracing: bool = False) -> int:
     """Load, optionally serve gdb, run until the guest exits; the exit status."""
     if not snapshot_cli.restore_into(m, args):
         m.load(args.guest, arg=args.arg, cmdline=args.append, initrd=args.initrd)
@@ -280,7 +285,7 @@ def _run(m: Any, args: argparse.Namespace) -> int:
     snapshot_cli.save_on_exit(m, args)
     wall = time.perf_counter() - t0
     if args.stats:
-        _print_stats(m, wall, args.json)
+        _print_stats(m, wall, args.json, tracing)
     from .exitstatus import process_status
     code = m.guest_code
     status = process_status(status, code, args.exit_status)
@@ -316,7 +321,7 @@ def split_stats(v: Any) -> dict[str, Any]:
     return {"id": v.id, "setup": setup, "run": _minus(total, setup)}
 
 
-def _print_stats(m: Any, wall: float, as_json: bool) -> None:
+def _print_stats(m: Any, wall: float, as_json: bool, tracing: bool = False) -> None:
     per_vcpu = [split_stats(v) for v in m.vcpus]
     if as_json:
         print(json.dumps({"wall_s": wall, "vcpus": per_vcpu}, indent=2))
@@ -334,6 +339,10 @@ def _print_stats(m: Any, wall: float, as_json: bool) -> None:
               f"  via kvm_run: {run['deferred_writes'] or '{}'}")
         print(f"         local reads: {run['local_reads']}  fetches avoided: "
               f"{run['fetches_avoided']}  write-backs avoided: {run['writes_avoided']}")
+        hint = trace_cli.stats_hint(sum(n for k, n in io.items() if moves_register_state(k)),
+                                    tracing)
+        if hint:
+            print(hint)
 
 
 def _ioctls(st: dict[str, Any]) -> str:
@@ -440,7 +449,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"run": cmd_run, "regs": cmd_regs, "info": cmd_info, "list": cmd_list,
-             "bench": cmd_bench, "snapshot": snapshot_cli.cmd_snapshot}
+             "bench": cmd_bench, "snapshot": snapshot_cli.cmd_snapshot,
+             "trace": trace_cli.cmd_trace}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
