@@ -3,10 +3,16 @@
 #include "lib.h"
 
 static volatile u32 line_to_lower;
+static volatile u8 irq_uart_iir;
 
 static void lower_and_eoi(u32 vector)
 {
-    outb((u16)(0x2000 + line_to_lower), 0);     /* drop the line before the EOI */
+    if (line_to_lower == 4) {                   /* COM1: IIR read acknowledges THR empty */
+        irq_uart_iir = inb(COM1 + 2);
+        outb(COM1 + 1, 0);
+    } else {
+        outb((u16)(0x2000 + line_to_lower), 0); /* drop the line before the EOI */
+    }
     if (vector >= 0x40 && vector < 0x50)
         wr32(LAPIC_BASE + 0xb0, 0);             /* LAPIC EOI */
     else {
@@ -48,6 +54,23 @@ static u32 run(void)
     outb(0xa1, 0xff);
     printf("irq: pic irq 5 -> vector %x, irq 10 -> vector %x\n", v5, v10);
     CHECK(v5 == 0x08 + 5 && v10 == 0x70 + 2, "irq: PIC vectors %x %x, not bases 0x08/0x70", v5, v10);
+
+    /* An interrupt-driven UART: THR empty raises COM1's IRQ 4 once IER asks for it. */
+    outb(0x21, 0xff & ~(1 << 4));
+    line_to_lower = 4;
+    irq_count = 0;
+    u32 v4 = irq_catch();
+    if (!v4) {
+        outb(COM1 + 1, 0x02);                   /* IER: THR empty -> IRQ 4 */
+        sti();
+        for (int i = 0; i < 100000; i++)
+            cpu_relax();
+        cli();
+        outb(COM1 + 1, 0);
+    }
+    outb(0x21, 0xff);
+    printf("irq: com1 thr-empty -> vector %x, iir %x\n", v4, irq_uart_iir);
+    CHECK(v4 == 0x08 + 4 && (irq_uart_iir & 0x0f) == 0x02, "irq: no COM1 interrupt (vector %x)", v4);
 
     /* The IOAPIC: pin 10 edge, pin 11 level, both to this CPU. */
     wr32(LAPIC_BASE + 0xf0, rd32(LAPIC_BASE + 0xf0) | 0x1ff);    /* enable, spurious 0xff */
