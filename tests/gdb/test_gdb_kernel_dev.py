@@ -159,27 +159,34 @@ def test_monitor_system_reset_restarts_the_guest_from_its_entry() -> None:
         assert m.wait(20) == 0
 
 
-def test_monitor_nmi_goes_to_one_vcpu_or_to_all(tmp_path: Path) -> None:
-    with spin_vm(smp=3) as (m, server):
-        body = f"""
+_NMI_SCRIPT = f"""
 gdb.execute("hbreak *{SPIN['spin_a']:#x}")
 gdb.execute("continue")
 gdb.execute("delete")
 def nmis():
     return [c.get("KVM_NMI", 0) for c in json.loads(gdb.execute("monitor stats", to_string=True))["ioctls"]]
-gdb.execute("monitor nmi 2")
-one = nmis()
-gdb.execute("monitor nmi")
-every = nmis()
-print("RESULT " + json.dumps({{"one": one, "every": every}}))
-gdb.execute("continue")
+gdb.execute("monitor nmi " + ARG)
+print("RESULT " + json.dumps(nmis()))
+gdb.execute(END)
 """
-        res = result(out := gdb_python(tmp_path, server.port, body))
-        assert res == {"one": [0, 0, 1], "every": [1, 1, 2]}, out
+
+
+def test_monitor_nmi_to_one_vcpu_reaches_its_guest_handler(tmp_path: Path) -> None:
+    with spin_vm(smp=3) as (m, server):
+        out = gdb_python(tmp_path, server.port,
+                         'ARG, END = "0", "continue"\n' + _NMI_SCRIPT)
+        assert result(out) == [1, 0, 0], out
         # The guest's IDT sends every exception vector to a handler that reports it.
         assert "exited with code 0177" in out, out
         assert m.wait(20) == 0x7F
         assert re.search(r"EXCEPTION vec=0x2 ", m.serial.text), m.serial.text
+
+
+def test_monitor_nmi_without_an_argument_goes_to_every_vcpu(tmp_path: Path) -> None:
+    with spin_vm(smp=3) as (m, server):
+        out = gdb_python(tmp_path, server.port, 'ARG, END = "", "kill"\n' + _NMI_SCRIPT)
+        assert result(out) == [1, 1, 1], out
+        assert m.wait(20) == 137
 
 
 def test_unknown_monitor_command_or_argument_is_an_error_naming_it(tmp_path: Path) -> None:

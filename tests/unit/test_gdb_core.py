@@ -588,7 +588,7 @@ def test_phymemmode_packets_as_qemu_answers_them() -> None:
 
 
 def test_qcrc_is_gdbs_crc32_over_the_current_memory_mode() -> None:
-    from regsync.gdb.core import crc32_gdb
+    from regsync.gdb.scan import crc32_gdb
     assert crc32_gdb(b"123456789") == 0x0376E6E7     # CRC-32/MPEG-2 check value
     core, t = phys_core()
     data = bytes(range(256)) * 0x200                 # crosses the 64 KiB scan chunks

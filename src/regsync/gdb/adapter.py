@@ -715,58 +715,6 @@ class MachineTarget(TargetBase):
         """One ``monitor`` line: the table in :mod:`.monitor` (errors name the problem)."""
         return run_monitor(self, command)
 
-    def info_sync(self) -> str:
-        """monitor info sync: per vCPU exits, ioctls, cache work; the stub's stops."""
-        lines = []
-        for v in self.m.vcpus:
-            st = v.stats
-            io = st["ioctls"]
-            lines.append(f"vCPU {v.id}: {st['exits']} exits, {io.get('KVM_RUN', 0)} KVM_RUN, "
-                         f"{register_ioctls(io)} register ioctls")
-            lines.append("  ioctls: " + ", ".join(f"{k}={n}" for k, n in sorted(io.items())))
-            lines.append(f"  fetches: {st['fetches'] or '{}'}  writes: {st['writes'] or '{}'}"
-                         f"  via kvm_run: {st['deferred_writes'] or '{}'}")
-            lines.append(f"  local reads: {st['local_reads']}  fetches avoided: "
-                         f"{st['fetches_avoided']}  write-backs avoided: {st['writes_avoided']}")
-        s = self.stats
-        lat = sorted(s.latencies_ns)
-        med = f"{lat[len(lat) // 2] / 1000:.0f} us" if lat else "-"
-        lines.append(f"stub: {s.stops} stops (median exit-to-reply {med}), {s.debug_exits} debug "
-                     f"exits, {s.injected} re-injected, {s.guest_debug_sets} KVM_SET_GUEST_DEBUG")
-        return "\n".join(lines) + "\n"
-
-    def stats_dict(self) -> dict[str, Any]:
-        """Machine-readable counters: ioctls per vCPU and the stub's stop costs."""
-        s = self.stats
-        return {
-            "ioctls": [dict(v.handle.counters) for v in self.m.vcpus],
-            "register_ioctls": [register_ioctls(v.handle.counters) for v in self.m.vcpus],
-            "stops": s.stops, "debug_exits": s.debug_exits, "injected": s.injected,
-            "guest_debug_sets": s.guest_debug_sets, "latencies_ns": list(s.latencies_ns),
-            "stop_ioctls": [list(x) for x in s.stop_ioctls], "step_mode": self.step_mode,
-        }
-
-    def info_bp(self) -> str:
-        """monitor info bp: slots in use, software breakpoints, what this host can do."""
-        lines = []
-        used = 0
-        for i, slot in enumerate(self.slots):
-            if slot is not None:
-                used += 1
-                lines.append(f"hw slot {i} (DR{i}): {slot.label}")
-        lines.append(f"hardware slots: {used}/{NSLOTS} in use")
-        for addr in sorted(self.sw):
-            lines.append(f"sw breakpoint (int3) at {addr:#x}")
-        c = self.caps
-        if c.sw_breakpoints:
-            lines.append(f"software breakpoints: int3 ({c.sw_detail})")
-        else:
-            lines.append("software breakpoints: fall back to hardware slots: int3 is not "
-                         f"intercepted by KVM here ({c.sw_detail})")
-        lines.append("watchpoints: " + ("hardware (DR7 R/W)" if c.watchpoints else
-                                         f"unavailable ({c.watch_detail})"))
-        return "\n".join(lines) + "\n"
-
     # --- VM exit ------------------------------------------------------------------------
     def exit_reply_args(self, status: int) -> tuple[int, int | None]:
         """(status, signal) for the core's on_exit: X for a dying guest."""

@@ -41,12 +41,13 @@ from .packets import (
     Packet, PacketError, chunk_thread_list, encode_packet, format_stop_reply,
     hex_bytes, parse_addr_len, parse_hex, parse_signal, parse_vcont, unhex,
 )
+from .scan import SCAN_LIMIT, crc_of, search
 from .target import (
     Action, LocalProtocolError, StopEvent, Target, TargetError, Unsupported,
 )
 from .targetxml import GdbRegister, RegisterLayout
 
-__all__ = ["StubCore", "crc32_gdb"]
+__all__ = ["StubCore"]
 
 Reply = bytes | list[bytes] | None  # None: no reply (resume, k)
 
@@ -55,34 +56,7 @@ _E_INVAL = b"E%02x" % errno.EINVAL
 _E_QEMU_NO_PARAM = b"E22"
 #: Refusals whose text gdb 13 shows from an ``E.<code>.<text>`` reply (see above).
 _TEXT_IN_E_DOT = frozenset({b"Z"})
-#: qCRC / qSearch:memory read the target in chunks of this size.
-_SCAN_CHUNK = 0x10000
-#: Largest range qCRC / qSearch:memory accept (a kernel image fits; more is a typo).
-_SCAN_LIMIT = 1 << 30
 _NAME = re.compile(rb"[^:,;]*")
-
-
-def _crc_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i << 24
-        for _ in range(8):
-            c = ((c << 1) ^ 0x04C11DB7) if c & 0x80000000 else c << 1
-        table.append(c & 0xFFFFFFFF)
-    return table
-
-
-_CRC_TABLE = _crc_table()
-
-
-def crc32_gdb(data: bytes, crc: int = 0xFFFFFFFF) -> int:
-    """The CRC qCRC answers: gdb's xcrc32 (libiberty/crc32.c, called by
-    gdb/remote.c compare_sections_command): polynomial 0x04c11db7, MSB first,
-    no reflection, no final xor; start from 0xffffffff."""
-    table = _CRC_TABLE
-    for b in data:
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[(crc >> 24) ^ b]
-    return crc
 
 
 class StubCore:
@@ -523,19 +497,16 @@ class StubCore:
 
     def _scan_range(self, args: bytes) -> tuple[int, int]:
         addr, length = parse_addr_len(args)
-        if length > _SCAN_LIMIT:
+        if length > SCAN_LIMIT:
             raise TargetError(errno.E2BIG, f"range of {length:#x} bytes is over the "
-                                           f"{_SCAN_LIMIT:#x} limit")
+                                           f"{SCAN_LIMIT:#x} limit")
         return addr, length
 
     def _q_crc(self, args: bytes) -> Reply:
         """qCRC:addr,length -> C<crc32> as gdb's compare-sections computes it."""
         self._need_stopped()
         addr, length = self._scan_range(args)
-        crc = 0xFFFFFFFF
-        for off in range(0, length, _SCAN_CHUNK):
-            crc = crc32_gdb(self._read_any(addr + off, min(_SCAN_CHUNK, length - off)), crc)
-        return b"C%x" % crc
+        return b"C%x" % crc_of(self._read_any, addr, length)
 
     def _q_search(self, args: bytes) -> Reply:
         """qSearch:memory:addr;length;pattern -> 1,addr | 0 (gdb's find command)."""
@@ -545,18 +516,10 @@ class StubCore:
         if kind != b"memory" or len(fields) != 3:
             return b""
         addr, length = self._scan_range(fields[0] + b"," + fields[1])
-        pattern = fields[2]          # the framer already undid the escapes
-        if not pattern:
+        if not fields[2]:          # the framer already undid the escapes
             raise PacketError("empty pattern")
-        carry = b""
-        for off in range(0, length, _SCAN_CHUNK):
-            chunk = self._read_any(addr + off, min(_SCAN_CHUNK, length - off))
-            window = carry + chunk
-            hit = window.find(pattern)
-            if hit >= 0:
-                return b"1,%x" % (addr + off - len(carry) + hit)
-            carry = window[-(len(pattern) - 1):] if len(pattern) > 1 else b""
-        return b"0"
+        found = search(self._read_any, addr, length, fields[2])
+        return b"0" if found is None else b"1,%x" % found
 
     # --- threads -----------------------------------------------------------
 

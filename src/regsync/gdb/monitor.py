@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..arch.x86_64 import CATALOG
 from ..regdump import format_dump
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from ..vcpu import Vcpu
     from .adapter import MachineTarget
 
-__all__ = ["COMMANDS", "MonitorCommand", "MonitorError", "monitor_command", "run_monitor"]
+__all__ = ["COMMANDS", "MonitorCommand", "MonitorError", "monitor_command", "run_monitor",
+           "stats_dict"]
 
 Runner = Callable[["MachineTarget", list[str]], str]
 
@@ -130,12 +131,12 @@ def _help(target: "MachineTarget", args: list[str]) -> str:
 @monitor_command("info sync", aliases=("sync",),
                  help="per vCPU: exits, ioctls by name, register cache work")
 def _info_sync(target: "MachineTarget", args: list[str]) -> str:
-    return target.info_sync()
+    return info_sync_text(target)
 
 
 @monitor_command("stats", help="the counters of 'info sync' and the stub's stops, as JSON")
 def _stats(target: "MachineTarget", args: list[str]) -> str:
-    return json.dumps(target.stats_dict()) + "\n"
+    return json.dumps(stats_dict(target)) + "\n"
 
 
 @monitor_command("regs", help="every register of the current thread (the full catalog dump)")
@@ -163,7 +164,7 @@ def _info_registers(target: "MachineTarget", args: list[str]) -> str:
 @monitor_command("info bp", aliases=("info breakpoints",),
                  help="breakpoints, debug-register slots and what this host can do")
 def _info_bp(target: "MachineTarget", args: list[str]) -> str:
-    return target.info_bp()
+    return info_bp_text(target)
 
 
 @monitor_command("step-mode", usage="[alone|all]", max_args=1,
@@ -242,6 +243,64 @@ def _nmi(target: "MachineTarget", args: list[str]) -> str:
         target._call(v, v.handle.nmi)          # KVM_NMI, on the vCPU's own thread
     return "NMI queued for vCPU " + ", ".join(str(v.id) for v in vcpus) + \
         " (delivered when it runs)\n"
+
+
+# --- what info sync, stats and info bp print ----------------------------------------------
+
+def info_sync_text(target: "MachineTarget") -> str:
+    """monitor info sync: per vCPU exits, ioctls, cache work; the stub's stops."""
+    from .adapter import register_ioctls   # adapter imports this module: not at the top
+    lines = []
+    for v in target.m.vcpus:
+        st = v.stats
+        io = st["ioctls"]
+        lines.append(f"vCPU {v.id}: {st['exits']} exits, {io.get('KVM_RUN', 0)} KVM_RUN, "
+                     f"{register_ioctls(io)} register ioctls")
+        lines.append("  ioctls: " + ", ".join(f"{k}={n}" for k, n in sorted(io.items())))
+        lines.append(f"  fetches: {st['fetches'] or '{}'}  writes: {st['writes'] or '{}'}"
+                     f"  via kvm_run: {st['deferred_writes'] or '{}'}")
+        lines.append(f"  local reads: {st['local_reads']}  fetches avoided: "
+                     f"{st['fetches_avoided']}  write-backs avoided: {st['writes_avoided']}")
+    s = target.stats
+    lat = sorted(s.latencies_ns)
+    med = f"{lat[len(lat) // 2] / 1000:.0f} us" if lat else "-"
+    lines.append(f"stub: {s.stops} stops (median exit-to-reply {med}), {s.debug_exits} debug "
+                 f"exits, {s.injected} re-injected, {s.guest_debug_sets} KVM_SET_GUEST_DEBUG")
+    return "\n".join(lines) + "\n"
+
+def stats_dict(target: "MachineTarget") -> dict[str, Any]:
+    """Machine-readable counters: ioctls per vCPU and the stub's stop costs."""
+    from .adapter import register_ioctls
+    s = target.stats
+    return {
+        "ioctls": [dict(v.handle.counters) for v in target.m.vcpus],
+        "register_ioctls": [register_ioctls(v.handle.counters) for v in target.m.vcpus],
+        "stops": s.stops, "debug_exits": s.debug_exits, "injected": s.injected,
+        "guest_debug_sets": s.guest_debug_sets, "latencies_ns": list(s.latencies_ns),
+        "stop_ioctls": [list(x) for x in s.stop_ioctls], "step_mode": target.step_mode,
+    }
+
+def info_bp_text(target: "MachineTarget") -> str:
+    """monitor info bp: slots in use, software breakpoints, what this host can do."""
+    from .adapter import NSLOTS
+    lines = []
+    used = 0
+    for i, slot in enumerate(target.slots):
+        if slot is not None:
+            used += 1
+            lines.append(f"hw slot {i} (DR{i}): {slot.label}")
+    lines.append(f"hardware slots: {used}/{NSLOTS} in use")
+    for addr in sorted(target.sw):
+        lines.append(f"sw breakpoint (int3) at {addr:#x}")
+    c = target.caps
+    if c.sw_breakpoints:
+        lines.append(f"software breakpoints: int3 ({c.sw_detail})")
+    else:
+        lines.append("software breakpoints: fall back to hardware slots: int3 is not "
+                     f"intercepted by KVM here ({c.sw_detail})")
+    lines.append("watchpoints: " + ("hardware (DR7 R/W)" if c.watchpoints else
+                                     f"unavailable ({c.watch_detail})"))
+    return "\n".join(lines) + "\n"
 
 
 # Commands other packages own register on import (the snapshot room: savevm, loadvm).

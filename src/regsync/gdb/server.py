@@ -75,7 +75,7 @@ class GdbServer:
         self.vm_exit_status: int | None = None
         self.errors: list[str] = []
         #: One record per connection: packets handled (all, by name) and how it ended.
-        self.sessions: list[dict[str, Any]] = []
+        self.sessions: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
         self._inbox = bytearray()       # received from the client, not yet handled
         self._turns = 0                 # batches served since the last recv
         self._hangup: select.poll | None = None
