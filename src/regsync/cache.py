@@ -411,21 +411,23 @@ class RegisterCache:
         self.held = t.sync_mask
         self._fetched_since_run = 0
         self.exits += 1
-        done = self.in_flight & ~self.dirty_mask
-        if done:
-            # KVM applied the queued writes at entry: they are in the kernel now.
-            # (Tallied by mask here, per group in stats: a dict op per exit, not three.)
-            tally = self._deferred_tally
-            tally[done] = tally.get(done, 0) + 1
-            one = self._dirty_of_bit.get(done)      # the usual case: one group (REGS)
-            if one is not None:
-                one.clear()
-            else:
-                while done:
-                    bit = done & -done
-                    done ^= bit
-                    self._dirty_of_bit[bit].clear()
-        self.in_flight = 0
+        flight = self.in_flight
+        if flight:
+            done = flight & ~self.dirty_mask
+            if done:
+                # KVM applied the queued writes at entry: they are in the kernel now.
+                # (Tallied by mask here, per group in stats: a dict op per exit, not three.)
+                tally = self._deferred_tally
+                tally[done] = tally.get(done, 0) + 1
+                one = self._dirty_of_bit.get(done)      # the usual case: one group (REGS)
+                if one is not None:
+                    one.clear()
+                else:
+                    while done:
+                        bit = done & -done
+                        done ^= bit
+                        self._dirty_of_bit[bit].clear()
+            self.in_flight = 0
         if self.dirty_mask & self.held:
             # KVM rewrote the kvm_run page under edits made before a run that did
             # not flush them (the I/O completion run): lay the edits back on top.

@@ -161,6 +161,12 @@ _IO = struct.Struct("<BBHIQ")          # direction, size, port, count, data_offs
 _new_tuple = tuple.__new__
 
 
+def decode_io(run_addr: int, view: memoryview) -> IoExit:
+    """The typed exit of a KVM_EXIT_IO (the caller checked the reason): the hot path."""
+    d, size, port, count, off = _IO.unpack_from(view, _IO_AT)
+    return _new_tuple(IoExit, (port, _IN_OUT[d], size, count, run_addr + off))
+
+
 def decode(run: s.kvm_run, run_addr: int, view: memoryview | None = None) -> Exit | IoExit:
     """The typed exit for the reason in the kvm_run page (``view``: the page as bytes)."""
     reason = run.exit_reason

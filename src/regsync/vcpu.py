@@ -25,6 +25,10 @@ LEVELS = CATALOG.levels
 _IO_DIRECTION = ks.kvm_run.io.offset
 _MMIO_IS_WRITE = ks.kvm_run.mmio.offset + ks._exit_mmio.is_write.offset
 _DIRTY_REGS_AT = ks.kvm_run.kvm_dirty_regs.offset   # its flags all live in the low byte
+# exit_reason is a u32; every KVM_EXIT_* fits its low byte (checked here), so the hot
+# path reads one byte of the page instead of a ctypes field.
+_EXIT_REASON_AT = ks.kvm_run.exit_reason.offset
+assert max(v for k, v in vars(ks).items() if k.startswith("KVM_EXIT_") and isinstance(v, int)) < 256
 
 
 def to_mask(what: int | str | Iterable[str]) -> int:
@@ -63,28 +67,44 @@ class Vcpu:
         self._kvm_run = handle.run
         # The cache's own before_run can be inlined; strategies override it.
         self._plain_cache = type(self.cache).before_run is RegisterCache.before_run
-        self._run_view = memoryview((ctypes.c_char * ctypes.sizeof(ks.kvm_run)).from_address(
+        self._run_view: memoryview | None = memoryview((ctypes.c_char * ctypes.sizeof(ks.kvm_run)).from_address(
             handle.run_page_addr)).cast("B")
         self.last_exit: exits.AnyExit | None = None
         self._pending_exit: exits.AnyExit | None = None   # see _complete_pending_io
+        # For run()'s inlined no-syscall flush (cache.flush's fast path).
+        self._fast_defer_mask = self.transport.fast_defer_mask
+        self._dirty_flags = self.transport._flags_for
         self.setup_stats: dict[str, Any] | None = None    # see end_setup
 
     # --- the run ---------------------------------------------------------------------
     def run(self) -> exits.AnyExit:
         """Flush dirty registers, enter the guest once, return the decoded exit."""
         cache = self.cache
-        if cache.owner is not None and cache.owner != get_ident():
+        owner = cache.owner
+        if owner is not None and owner != get_ident():
             cache._check_thread()         # rule 9: raises WrongThreadError
+        view = self._run_view
+        if view is None:
+            raise ValueError(f"KVM_RUN: vCPU {self.id} is closed")
         if cache.dirty_mask:
-            reason = self._run_page.exit_reason        # _completion_pending(), inlined
-            if (reason == ks.KVM_EXIT_IO and self._run_view[_IO_DIRECTION] == ks.KVM_EXIT_IO_IN) \
-                    or (reason == ks.KVM_EXIT_MMIO and not self._run_view[_MMIO_IS_WRITE]):
+            reason = view[_EXIT_REASON_AT]               # _completion_pending(), inlined
+            if (reason == ks.KVM_EXIT_IO and view[_IO_DIRECTION] == ks.KVM_EXIT_IO_IN) \
+                    or (reason == ks.KVM_EXIT_MMIO and not view[_MMIO_IS_WRITE]):
                 self._complete_pending_io()
         if self._pending_exit is not None:
             pending, self._pending_exit = self._pending_exit, None
             return pending
-        if cache.dirty_mask:
-            if self._plain_cache:
+        dirty = cache.dirty_mask
+        if dirty and self._plain_cache:
+            if not dirty & ~(self._fast_defer_mask & cache.held):
+                # cache.flush()'s no-syscall path, inlined (the hot path of an edited
+                # exit): held REGS/SREGS already sit in the kvm_run page, so queuing
+                # them is their kvm_dirty_regs bits; KVM_RUN applies them.
+                view[_DIRTY_REGS_AT] |= self._dirty_flags[dirty]
+                self.transport.deferred |= dirty
+                cache.in_flight |= dirty
+                cache.dirty_mask = 0
+            else:
                 cache.flush()
         if not self._plain_cache or cache._fetched_since_run:
             cache.before_run()
@@ -97,18 +117,22 @@ class Vcpu:
             raise
         # A queued bit KVM did not clear was not applied (see cache.after_run).
         cache.after_run(self.transport.unconsumed(cache.in_flight)
-                        if self._run_view[_DIRTY_REGS_AT] else 0)
+                        if view[_DIRTY_REGS_AT] else 0)
         if rc < 0:
             self._run_page.immediate_exit = 0
             ex: exits.AnyExit = exits.INTERRUPTED
+        elif view[_EXIT_REASON_AT] == ks.KVM_EXIT_IO:
+            ex = exits.decode_io(self._run_addr, view)
         else:
-            ex = exits.decode(self._run_page, self._run_addr, self._run_view)
+            ex = exits.decode(self._run_page, self._run_addr, view)
         self.last_exit = ex
         return ex
 
     def _completion_pending(self) -> bool:
         """Did the last exit leave an IN or an MMIO read for the next KVM_RUN to finish?
         (The kvm_run page still describes the last exit until the next run.)"""
+        if self._run_view is None:          # closed: nothing is pending any more
+            return False
         reason = self._run_page.exit_reason
         if reason == ks.KVM_EXIT_IO:
             return self._run_view[_IO_DIRECTION] == ks.KVM_EXIT_IO_IN
@@ -198,6 +222,7 @@ class Vcpu:
 
     def close(self) -> None:
         """Close the vCPU. Cached values stay readable; anything needing KVM raises."""
+        self._run_view = None            # the page is unmapped below: run() must not touch it
         self.cache.locals.update(self.transport.detach())
         self.handle.close()
 

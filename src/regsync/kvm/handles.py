@@ -8,15 +8,17 @@ manager. Every call goes through syscall.ioctl, the counting choke point.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 from typing import Any, Iterable
 
 from . import structs as s
 from .ioctls import BY_NAME, CAPS
-from .syscall import Counters, KvmError, KvmUnavailable, MsrError, ioctl, ioctl_interruptible
+from .syscall import Counters, KvmError, KvmUnavailable, MsrError, _libc_ioctl, ioctl
 
 _OP = BY_NAME
+_EINTR, _EAGAIN = errno.EINTR, errno.EAGAIN
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc_mmap = _libc.mmap
 _libc_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
@@ -235,6 +237,9 @@ class Vcpu(_Handle):
         self.run_page_addr: int = addr
         self.run_page: s.kvm_run = s.kvm_run.from_address(addr)
         self._run_op = _OP["KVM_RUN"]
+        # Hot path: the request number once (Ioctl.number computes it from the table),
+        # and KVM_RUN counted and issued in run() below, its choke point (syscall.py).
+        self._run_nr = self._run_op.number
         # Set by the owner from the VM's KVM_CAP_XSAVE2; None means plain KVM_GET_XSAVE.
         self.xsave2_size: int | None = None
 
@@ -253,10 +258,23 @@ class Vcpu(_Handle):
         self._io("KVM_SET_SIGNAL_MASK", 0 if blocked is None else s.signal_mask_buffer(blocked))
 
     def run(self) -> int:
-        """KVM_RUN. Returns 0, or -EINTR (signal, immediate_exit) or -EAGAIN (INIT, no SIPI yet)."""
-        if self.fd < 0:
+        """KVM_RUN. Returns 0, or -EINTR (signal, immediate_exit) or -EAGAIN (INIT, no SIPI yet).
+
+        The choke point of KVM_RUN: counted, errno kept, the ioctl named in errors, as
+        syscall.ioctl does for the others. EINTR and EAGAIN come back as values (a
+        kicked vCPU must see its inbox; fcntl.ioctl would retry EINTR under PEP 475).
+        """
+        fd = self.fd
+        if fd < 0:
             raise ValueError(f"KVM_RUN: {self.obj} is closed")
-        return ioctl_interruptible(self.fd, self.obj, self._run_op, self.counters)
+        self.counters["KVM_RUN"] += 1
+        ret = _libc_ioctl(fd, self._run_nr, 0)
+        if ret < 0:
+            err = ctypes.get_errno()
+            if err in (_EINTR, _EAGAIN):
+                return -err
+            raise KvmError("KVM_RUN", self.obj, err)
+        return ret
 
     # Each pair is one kernel transfer. A getter fills ``into`` when given (the
     # cache reuses its buffers, including the sync area of the kvm_run page).
