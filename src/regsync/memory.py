@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,7 +19,6 @@ from .kvm import structs as ks
 
 PAGE = mmap.PAGESIZE
 PAGE_SHIFT = PAGE.bit_length() - 1
-_NONZERO = re.compile(rb"[^\x00]")
 
 
 class GuestMemoryError(ValueError):
@@ -50,6 +48,7 @@ class Slot:
     # KVM's dirty bitmap for this slot (one bit per page), once tracking is on.
     bitmap: bytearray | None = field(default=None, repr=False)
     bitmap_addr: int = 0
+    bitmap_words: memoryview | None = field(default=None, repr=False)
 
     def contains(self, gpa: int, length: int) -> bool:
         return self.gpa <= gpa and gpa + length <= self.gpa + self.size
@@ -160,6 +159,7 @@ class GuestMemory:
             pages = s.size >> PAGE_SHIFT
             s.bitmap = bytearray(((pages + 63) // 64) * 8)   # KVM writes whole u64 words
             s.bitmap_addr = ctypes.addressof(ctypes.c_char.from_buffer(s.bitmap))
+            s.bitmap_words = memoryview(s.bitmap).cast("Q")
             vm.set_user_memory_region(s.index, s.gpa, s.size, s.host_addr,
                                       ks.KVM_MEM_LOG_DIRTY_PAGES)
         self._log_vm = vm
@@ -179,17 +179,21 @@ class GuestMemory:
         for s in self.slots:
             assert s.bitmap is not None
             vm.get_dirty_log(s.index, s.bitmap_addr)
+            bm, words = s.bitmap, s.bitmap_words
+            end = len(bm.rstrip(b"\0"))                # the span of non-zero bytes, found in C
+            if not end:
+                continue
+            start = len(bm) - len(bm.lstrip(b"\0"))
             base = s.gpa >> PAGE_SHIFT
-            found = False
-            # The regex scans the bitmap in C and stops only at non-zero bytes.
-            for m in _NONZERO.finditer(s.bitmap):
-                found = True
-                at, byte = base + m.start() * 8, s.bitmap[m.start()]
-                while byte:
-                    low = byte & -byte
-                    pages.add(at + low.bit_length() - 1)
-                    byte ^= low
-            if found and self.dirty_mode == "manual":
+            for i in range(start >> 3, (end + 7) >> 3):  # u64 words, as KVM writes them
+                word = words[i]
+                if word:
+                    at = base + 64 * i
+                    while word:
+                        low = word & -word
+                        pages.add(at + low.bit_length() - 1)
+                        word ^= low
+            if self.dirty_mode == "manual":
                 vm.clear_dirty_log(s.index, 0, s.size >> PAGE_SHIFT, s.bitmap_addr)
         return sorted(pages)
 
