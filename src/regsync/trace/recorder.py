@@ -29,6 +29,7 @@ summary can count transfers per exit.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -52,12 +53,16 @@ _COMPONENTS: tuple[tuple[str, str], ...] = (
 Frame = tuple[str, int, str, str]      # file, line, function, qualified name
 
 
+_abspath = functools.lru_cache(maxsize=None)(os.path.abspath)
+_relpath = functools.lru_cache(maxsize=None)(os.path.relpath)
+
+
 def _frames() -> list[Frame]:
     out = []
     f = sys._getframe(2)
     while f is not None:
         c = f.f_code
-        out.append((os.path.abspath(c.co_filename), f.f_lineno, c.co_name, c.co_qualname))
+        out.append((_abspath(c.co_filename), f.f_lineno, c.co_name, c.co_qualname))
         f = f.f_back
     return out
 
@@ -114,7 +119,7 @@ def _caller(frames: list[Frame]) -> str:
         return comp
     for fn, line, func, _ in frames:
         if not fn.startswith(_PKG) and fn != _THREADING:
-            return f"{os.path.relpath(fn)}:{line} {func}"
+            return f"{_relpath(fn)}:{line} {func}"
     return "regsync"
 
 
