@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,8 +29,8 @@ from regsync.gdb.packets import encode_packet
 from regsync.gdb.server import _BATCH
 from regsync.vmm import RunState
 
-from test_gdb_real import (ENTRY64, SPIN, TIMEOUT, counters, gdb_args, gdb_python, result,
-                           run_gdb, spin_vm, stop_spin, wait_for)
+from test_gdb_real import (ENTRY64, SPIN, TIMEOUT, _free_port, counters, gdb_args, gdb_python,
+                           result, run_gdb, spin_vm, stop_spin, wait_for)
 
 # A 4 KiB test mapping the guest never touches: VA 0x80_0000_1000 -> PA 0x100000
 # (the code page) in fresh tables at 4 MiB, entered in PML4[1].
@@ -300,6 +301,36 @@ def test_a_client_that_vanishes_while_stopped_leaves_the_guest_stopped() -> None
         assert f"$1 = {SPIN['spin_c']:#x}" in out, out        # the same stop, reported again
         assert server.target.slots == [None] * 4              # the dead session's hbreak is gone
         assert stop_spin(m) == 0
+
+
+def test_cli_wait_survives_port_probes() -> None:
+    """What a script does before it starts gdb: poll the port until it answers."""
+    port = _free_port()
+    cli = subprocess.Popen([sys.executable, "-m", "regsync.cli", "run", "spin", "--smp", "2",
+                            "--gdb", str(port), "--wait", "--timeout", "50"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        probes = 0
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                time.sleep(0.05)
+                continue
+            probes += 1
+            if probes == 3:
+                break
+        assert probes == 3, "the stub never listened"
+        time.sleep(0.3)                   # plenty for a started guest to leave its entry
+        out = run_gdb(port, "p/x $pc", f"x/gx {SPIN['spin_counters']:#x}",
+                      f"set var *(long*){SPIN['spin_stop']:#x} = 1", "continue")
+        cli_out, cli_err = cli.communicate(timeout=TIMEOUT)
+    finally:
+        cli.kill()
+    assert f"$1 = {ENTRY64:#x}" in out, out
+    assert re.search(rf"{SPIN['spin_counters']:#x}:\s+0x0+\n", out), out
+    assert "exited normally" in out and cli.returncode == 0, (out, cli_err)
 
 
 # --- 5. no client starves the next -------------------------------------------------------
