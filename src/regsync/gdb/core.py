@@ -54,6 +54,9 @@ Reply = bytes | list[bytes] | None  # None: no reply (resume, k)
 _E_INVAL = b"E%02x" % errno.EINVAL
 #: QEMU's reply to Qqemu.PhyMemMode without a value (gdb_handle_set_qemu_phy_mem_mode).
 _E_QEMU_NO_PARAM = b"E22"
+#: qSupported features by which a gdb says it reads E.text for any packet (the name
+#: in gdb 15's remote.c, and the one in the patch's documentation).
+_TEXT_ERROR_FEATURES = frozenset({b"error-message+", b"accept-error-message+"})
 #: Refusals whose text gdb 13 shows from an ``E.<code>.<text>`` reply (see above).
 _TEXT_IN_E_DOT = frozenset({b"Z"})
 _NAME = re.compile(rb"[^:,;]*")
@@ -215,11 +218,15 @@ class StubCore:
             return []
         return reply if isinstance(reply, list) else [reply]
 
+    @property
+    def _peer_takes_text(self) -> bool:
+        return bool(self._peer_features & _TEXT_ERROR_FEATURES)
+
     def _error_reply(self, head: bytes, exc: TargetError) -> bytes:
         """``E nn``, or the message where gdb shows it (module docstring)."""
         text = exc.message.encode("ascii", "replace").replace(b"#", b"?").replace(b"$", b"?")
         text = text.replace(b"}", b"?").replace(b"*", b"?")
-        if text and b"error-message+" in self._peer_features:
+        if text and self._peer_takes_text:
             return b"E." + text
         if text and head in _TEXT_IN_E_DOT:
             name = errno.errorcode.get(exc.errno_value, "E%d" % exc.errno_value)
@@ -584,7 +591,7 @@ class StubCore:
         try:
             output = self.target.monitor(command).encode("utf-8")
         except TargetError as exc:
-            if not exc.message or b"error-message+" in self._peer_features:
+            if not exc.message or self._peer_takes_text:
                 raise
             # gdb 13 reads E nn after a qRcmd as "Protocol error with Rcmd": say what
             # was wrong on its console first (remote_target::rcmd prints O packets).

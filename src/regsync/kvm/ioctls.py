@@ -91,6 +91,7 @@ TABLE: tuple[Ioctl, ...] = (
     Ioctl("KVM_SET_SREGS", "vcpu", _W, 0x84, s.kvm_sregs),
     Ioctl("KVM_GET_MSRS", "vcpu", _WR, 0x88, s.kvm_msrs),
     Ioctl("KVM_SET_MSRS", "vcpu", _W, 0x89, s.kvm_msrs),
+    Ioctl("KVM_SET_SIGNAL_MASK", "vcpu", _W, 0x8b, s.kvm_signal_mask),
     Ioctl("KVM_GET_FPU", "vcpu", _R, 0x8c, s.kvm_fpu),
     Ioctl("KVM_SET_FPU", "vcpu", _W, 0x8d, s.kvm_fpu),
     Ioctl("KVM_GET_LAPIC", "vcpu", _R, 0x8e, s.kvm_lapic_state),

@@ -12,7 +12,7 @@ import functools
 from ctypes import (
     Structure, Union, c_char, c_uint8, c_uint16, c_uint32, c_uint64,
 )
-from typing import Any
+from typing import Any, Iterable
 
 
 class KvmStruct(Structure):
@@ -138,6 +138,29 @@ def msr_list_buffer(n: int) -> Any:
     """A kvm_msr_list with room for n indices."""
     buf = _flex((("nmsrs", c_uint32),), "indices", c_uint32, n)()
     buf.nmsrs = n
+    return buf
+
+
+# --- KVM_SET_SIGNAL_MASK ---------------------------------------------------------
+class kvm_signal_mask(KvmStruct):
+    """Header only; signal_mask_buffer() appends the sigset bytes."""
+    _fields_ = [("len", c_uint32)]
+
+
+# The kernel's sigset_t (64 signals on x86-64): KVM refuses any other len
+# (virt/kvm/kvm_main.c, KVM_SET_SIGNAL_MASK: "kvm_sigmask.len != sizeof(sigset_t)").
+KERNEL_SIGSET_BYTES = 8
+
+
+def signal_mask_buffer(signals: Iterable[int]) -> Any:
+    """A kvm_signal_mask blocking ``signals`` (signal n is bit n-1, as in sigset_t)."""
+    bits = 0
+    for sig in signals:
+        if 1 <= sig <= 8 * KERNEL_SIGSET_BYTES:
+            bits |= 1 << (sig - 1)
+    buf = _flex((("len", c_uint32),), "sigset", c_uint8, KERNEL_SIGSET_BYTES)()
+    buf.len = KERNEL_SIGSET_BYTES
+    buf.sigset[:] = bits.to_bytes(KERNEL_SIGSET_BYTES, "little")
     return buf
 
 
@@ -517,5 +540,5 @@ LAYOUT_RUN_PAYLOAD: tuple[str, ...] = (
 )
 
 __all__ = [n for n in dir() if n.startswith(("kvm_", "KVM_"))] + [
-    "KvmStruct", "msrs_buffer", "msr_list_buffer", "cpuid_buffer", "LAYOUT_CHECKED",
+    "KvmStruct", "msrs_buffer", "msr_list_buffer", "cpuid_buffer", "signal_mask_buffer", "LAYOUT_CHECKED",
     "LAYOUT_RUN_PAYLOAD"]
