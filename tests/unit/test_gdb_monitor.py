@@ -51,16 +51,19 @@ def test_good_commands_run_and_aliases_share_an_entry() -> None:
 
 
 def test_a_new_command_is_one_entry() -> None:
-    @monitor_command("savevm", usage="NAME", max_args=1, help="save the state as NAME")
-    def savevm(target: Any, args: list[str]) -> str:
-        return f"saved {args[0]}\n"
+    name = "unit-test-command"             # not a name any package registers
+    assert name not in COMMANDS
+
+    @monitor_command(name, usage="NAME", max_args=1, help="says NAME back")
+    def echo(target: Any, args: list[str]) -> str:
+        return f"said {args[0]}\n"
     try:
-        assert run_monitor(fake_target(), "savevm one") == "saved one\n"
-        assert "savevm NAME" in run_monitor(fake_target(), "help")
+        assert run_monitor(fake_target(), f"{name} one") == "said one\n"
+        assert f"{name} NAME" in run_monitor(fake_target(), "help")
         with pytest.raises(ValueError, match="already registered"):
-            monitor_command("savevm", help="again")(savevm)
+            monitor_command(name, help="again")(echo)
     finally:
-        del COMMANDS["savevm"]
+        del COMMANDS[name]
     assert monitor.COMMANDS is COMMANDS
 
 
