@@ -126,3 +126,14 @@ def test_info_lapic_decodes_the_registers() -> None:
     assert lines["IRR"].split()[1:] == ["0x30", "0xef"]
     assert lines["TMR"].endswith("(none)")
     assert "TPR      0x20  PPR 0x20" in text and "DFR 0xf (flat)" in text
+
+
+def test_every_command_drops_what_the_stop_cached() -> None:
+    """loadvm (the snapshot package) changes the machine under the stub; so may others."""
+    t = fake_target()
+    forgot: list[int] = []
+    t.forget = lambda: forgot.append(1)
+    run_monitor(t, "step-mode")
+    with pytest.raises(MonitorError):
+        run_monitor(t, "step-mode sideways")
+    assert len(forgot) == 2

@@ -262,6 +262,11 @@ class MachineTarget(TargetBase):
         s = self._snapshot(tid)
         return Paging(s["cr0"], s["cr3"], s["cr4"], s["efer"])
 
+    def forget(self) -> None:
+        """Drop the registers and translations cached at this stop (the machine
+        changed under the stub: a monitor command, a snapshot restored)."""
+        self._forget()
+
     def paging_of(self, tid: int) -> Paging:
         """The paging registers of ``tid`` at this stop (monitor info mem/tlb)."""
         return self._paging(tid)

@@ -10,7 +10,9 @@ that owns the feature (import it once so it registers)::
                      help="save the machine's state as NAME")
     def _savevm(target: MachineTarget, args: list[str]) -> str: ...
 
-Bad input never falls through to something else: an unknown command, a
+After every command the stub forgets what it cached at the stop (register
+snapshot, translations), so a command that changes the machine (``loadvm``)
+needs nothing more. Bad input never falls through to something else: an unknown command, a
 surplus or malformed argument raises :class:`MonitorError` naming it, which
 the protocol core sends as an error (gdb prints the message, then fails the
 command). Names follow QEMU's HMP where it has the command (``xp``, ``info
@@ -85,7 +87,14 @@ def run_monitor(target: "MachineTarget", line: str) -> str:
             args = words[n:]
             if len(args) > cmd.max_args:
                 raise MonitorError(f"{cmd.name}: unexpected argument '{args[cmd.max_args]}'")
-            return cmd.run(target, args)
+            try:
+                return cmd.run(target, args)
+            finally:
+                # A command may have changed the machine under the stub (reset,
+                # loadvm, a write to page tables): drop what the stop cached.
+                forget = getattr(target, "forget", None)
+                if forget is not None:
+                    forget()
     name = " ".join(words[:2]) if words[0] == "info" and len(words) > 1 else words[0]
     raise MonitorError(f"unknown monitor command '{name}' ('monitor help' lists them)")
 
