@@ -1,4 +1,4 @@
-"""The ``regsync`` command: run | regs | qemu | info | list | bench.
+"""The ``regsync`` command: run | regs | qemu | snapshot | trace | info | list | bench.
 
 Errors are one line on stderr (``regsync: error: …``) and exit status 2, never
 a traceback. ``run`` exits with the guest's status; regsync's own statuses are
@@ -20,6 +20,7 @@ import time
 from typing import Any, Iterator, NoReturn, Sequence
 
 from . import __version__
+from . import exitstatus
 from .bench import DEFAULT_OUT as DEFAULT_BENCH_OUT   # git-ignored; the tracked file needs --out
 from .gdb.adapter import KILL_STATUS
 from .guests import GUESTS
@@ -44,6 +45,8 @@ EXIT_STATUSES: dict[int, str] = {
        "in-kernel irqchip, a KVM shutdown event); or a command other than run succeeded",
     EXIT_BAD_INPUT: "bad input: one `regsync: error:` line (arguments, image, KVM limits, "
                     "`regs` not reaching exit N within --timeout)",
+    exitstatus.GUEST_OUT_OF_BAND: "the guest wrote 2 or a code >= 123, which would read as one "
+                                  "of regsync's own statuses (the code is on stderr)",
     EXIT_WATCHDOG: "--timeout expired, or the guest watchdog expired (with --watchdog-action "
                    "reset: after the third reset)",
     EXIT_FATAL: "fatal exit: triple fault, emulation failure, a vCPU error (the exit and a "
@@ -52,6 +55,10 @@ EXIT_STATUSES: dict[int, str] = {
     EXIT_INTERRUPTED: "Ctrl-C (SIGINT)",
     KILL_STATUS: "gdb's `kill` (128 + SIGKILL, as a shell reports it)",
     EXIT_BROKEN_PIPE: "stdout was closed early (`regsync info | head -1`); nothing more printed",
+    # With --exit-status qemu a guest's code c gives the odd (c << 1) | 1, so regsync's
+    # odd statuses move to the next even number there (regsync.exitstatus).
+    **{exitstatus.own_status(s, "qemu"): f"--exit-status qemu: what {s} is otherwise"
+       for s in (EXIT_FATAL, KILL_STATUS, EXIT_BROKEN_PIPE)},
 }
 
 

@@ -137,3 +137,15 @@ def test_every_command_drops_what_the_stop_cached() -> None:
     with pytest.raises(MonitorError):
         run_monitor(t, "step-mode sideways")
     assert len(forgot) == 2
+
+
+def test_info_mem_and_tlb_say_when_paging_is_off() -> None:
+    from regsync.gdb.pagewalk import Paging
+    t = fake_target()
+    t.m.vcpus = [SimpleNamespace(id=0)]
+    t._vcpu = lambda tid: t.m.vcpus[tid - 1]
+    t.paging_of = lambda tid: Paging(cr0=1, cr3=0, cr4=0, efer=0)
+    t.phys_reader = lambda: (lambda gpa, n: 0)
+    for cmd in ("info mem", "info tlb 0"):
+        assert run_monitor(t, cmd) == ("vCPU 0 runs with paging off (flat): virtual addresses "
+                                       "are physical\n")

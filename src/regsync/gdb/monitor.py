@@ -209,18 +209,27 @@ def _xp(target: "MachineTarget", args: list[str]) -> str:
     return format_xp(addr, data, letter, size)
 
 
+_PAGING_OFF = "vCPU {} runs with paging off ({}): virtual addresses are physical\n"
+
+
 @monitor_command("info mem", usage="[VCPU]", max_args=1,
                  help="mapped virtual ranges and their rights (u user, r, w write)")
 def _info_mem(target: "MachineTarget", args: list[str]) -> str:
     v = _vcpu_arg(target, "info mem", args)
-    return format_mem(mappings(target.phys_reader(), target.paging_of(v.id + 1)))
+    paging = target.paging_of(v.id + 1)
+    if paging.mode in ("real", "flat"):
+        return _PAGING_OFF.format(v.id, paging.mode)
+    return format_mem(mappings(target.phys_reader(), paging))
 
 
 @monitor_command("info tlb", usage="[VCPU]", max_args=1,
                  help="every present page: virtual -> physical, flags XGPDACTUW")
 def _info_tlb(target: "MachineTarget", args: list[str]) -> str:
     v = _vcpu_arg(target, "info tlb", args)
-    return format_tlb(mappings(target.phys_reader(), target.paging_of(v.id + 1)))
+    paging = target.paging_of(v.id + 1)
+    if paging.mode in ("real", "flat"):
+        return _PAGING_OFF.format(v.id, paging.mode)
+    return format_tlb(mappings(target.phys_reader(), paging))
 
 
 _LAPIC_VIEW = CATALOG.group_mask("LAPIC", "SREGS")
