@@ -87,3 +87,15 @@ def test_cpu_filter_clears_x2apic(hello: Path) -> None:
     with Machine(cpu="host,-x2apic") as m:
         leaf1 = [e for e in m._cpuid.entries[:m._cpuid.nent] if e.function == 1][0]
         assert not leaf1.ecx & (1 << 21)
+
+
+def test_cpu_filter_reaches_the_guest(tmp_path: Path) -> None:
+    why = kbuild.toolchain_missing()
+    if why:
+        pytest.skip(f"cannot build the conformance kernels: {why}")
+    kernel = str(kbuild.build("cpuid", tmp_path))
+    plain = _front_door("-kernel", kernel, *HELLO_ARGS)
+    filtered = _front_door("-kernel", kernel, "-cpu", "host,-x2apic", *HELLO_ARGS)
+    if "x2apic 1" not in plain.stdout:
+        pytest.skip("KVM here offers no x2APIC: nothing for -x2apic to remove")
+    assert "x2apic 0" in filtered.stdout and filtered.returncode == 1, filtered.stdout

@@ -52,6 +52,8 @@ CASES: tuple[Case, ...] = (
     Case("CMOS memory bytes, RTC against the PM timer", "cmos", ("-smp", "2", "-append", "cpus=2"),
          "qboot"),
     Case("pc-testdev ports and iomem, PCI host bridge", "testdev", ("-device", "pc-testdev"), "qboot"),
+    Case("CPUID filtered by -cpu host,-x2apic", "cpuid", ("-cpu", "host,-arch-capabilities,-x2apic"),
+         "qboot"),
     Case("PIT IRQ 0 through the IOAPIC pin of the MADT override", "pit", (), "qboot"),
     Case("PIC (as SeaBIOS leaves it) + IOAPIC via pc-testdev", "irq", ("-device", "pc-testdev"),
          "seabios"),
