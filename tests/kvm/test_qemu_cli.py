@@ -99,3 +99,26 @@ def test_cpu_filter_reaches_the_guest(tmp_path: Path) -> None:
     if "x2apic 1" not in plain.stdout:
         pytest.skip("KVM here offers no x2APIC: nothing for -x2apic to remove")
     assert "x2apic 0" in filtered.stdout and filtered.returncode == 1, filtered.stdout
+
+
+def _bad_images(hello: Path, d: Path) -> dict[str, tuple[Path, str]]:
+    elf = hello.read_bytes()
+    arm = bytearray(elf)
+    arm[18:20] = (40).to_bytes(2, "little")              # e_machine: ARM
+    cases = {"truncated": (elf[:100], "past the end"), "wrong machine": (bytes(arm), "ARM"),
+             "no multiboot header": (b"\x90" * 4096, "no multiboot header"),
+             "empty": (b"", "")}
+    out = {}
+    for name, (data, words) in cases.items():
+        path = d / name.replace(" ", "_")
+        path.write_bytes(data)
+        out[name] = (path, words)
+    return out
+
+
+def test_bad_images_are_one_line_each(hello: Path, tmp_path: Path) -> None:
+    for name, (path, words) in _bad_images(hello, tmp_path).items():
+        p = _front_door("-kernel", str(path), *HELLO_ARGS)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, (name, p.stderr)
+        assert words.lower() in lines[0].lower(), (name, lines[0])

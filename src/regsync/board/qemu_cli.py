@@ -20,7 +20,7 @@ import io
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import IO, NoReturn, Sequence
+from typing import IO, Any, NoReturn, Sequence
 
 from .. import exitstatus
 
@@ -202,6 +202,20 @@ def parse(argv: Sequence[str]) -> Options:
     return opts
 
 
+def _check_kernel(path: str, parse_image: Any) -> None:
+    """QEMU's -kernel takes a multiboot kernel (or a Linux bzImage, which regsync does
+    not boot): a file that is neither multiboot nor ELF is refused here, where
+    regsync's own loader would take it as a flat binary."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"-kernel {path}: {e.strerror or e}") from None
+    if parse_image(data).format == "flat":
+        raise UsageError(f"-kernel {path}: no multiboot header in its first 8 KiB and not an "
+                         "ELF image (a Linux bzImage is not supported)")
+
+
 def _serial_sink(spec: str, stack: contextlib.ExitStack) -> IO[str]:
     if spec == "stdio":
         return sys.stdout
@@ -212,7 +226,9 @@ def _serial_sink(spec: str, stack: contextlib.ExitStack) -> IO[str]:
 
 def run(opts: Options) -> int:
     from ..devices.basic import DebugExit, DEBUG_EXIT_PORT, HYPERCALL_PORT, TICK_PORT
+    from ..loader import parse_image
     from ..machine import Machine
+    _check_kernel(opts.kernel, parse_image)
     with contextlib.ExitStack() as stack:
         sink = _serial_sink(opts.serial, stack)
         m = stack.enter_context(Machine(mem_mb=opts.mem_mb, smp=opts.smp, cpu=opts.cpu,
