@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Iterator, NoReturn, Sequence
 
@@ -190,7 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop_on_first_interrupt(signum: int, frame: object) -> None:
+    """SIGINT: the first Ctrl-C stops the guest (KeyboardInterrupt, status 130); later
+    ones are ignored, so a second cannot interrupt the shutdown or the interpreter's
+    exit (which would end the process by SIGINT instead of 130)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _interrupt_once() -> Any:
+    """Install _stop_on_first_interrupt over Python's default handler; the previous
+    handler, to put back if no Ctrl-C came (None when nothing was installed)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None
+    return signal.signal(signal.SIGINT, _stop_on_first_interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    previous = _interrupt_once()
     try:
         status = _main(argv)
         sys.stdout.flush()          # a closed pipe shows here, not at interpreter exit
@@ -201,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    finally:
+        # Interrupted: SIGINT stays ignored while the process exits with 130.
+        if previous is not None and signal.getsignal(signal.SIGINT) is _stop_on_first_interrupt:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _main(argv: Sequence[str] | None) -> int:
