@@ -87,9 +87,11 @@ class PcBoard:
 
     # --- firmware tables ------------------------------------------------------------------
     def write_tables(self) -> None:
-        """ACPI tables into guest memory (again after every reset: RAM was cleared)."""
+        """The state firmware leaves at every (re)load: ACPI tables in guest memory (RAM
+        was cleared), the PIC programmed, COM1 as after a reset (QEMU serial_reset)."""
         for addr, data in acpi.build(ACPI_TABLES_ADDR, RSDP_ADDR, len(self.m.vcpus)).items():
             self.m.memory.write(addr, data)
+        self.m.serial.reset()
         if self.m.irqchip:
             self.program_pic()
 
