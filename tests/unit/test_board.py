@@ -203,3 +203,22 @@ def test_pm_timer_counts_at_3_579545_mhz_and_s5_powers_off() -> None:
     assert pm.io_in(V, acpi.PM_TMR, 4) == (5 * acpi.PM_TIMER_HZ) & 0xFFFFFF
     pm.io_out(V, acpi.PM1A_CNT, 2, 1 << 13)                  # SLP_EN, SLP_TYP 0 (S5)
     assert off == [True]
+
+
+# --- the front door's parser ---------------------------------------------------------------
+def test_qemu_command_line_parsing() -> None:
+    from regsync.board import qemu_cli as q
+    o = q.parse(["-kernel", "k", "-append", "a b", "-initrd", "m1 x,m2", "-smp", "sockets=2,cores=2",
+                 "-m", "1G", "-cpu", "host,-x2apic", "-machine", "pc,accel=kvm", "-enable-kvm",
+                 "-device", "isa-debug-exit", "-global", "isa-debug-exit.iobase=0xf4",
+                 "-device", "pc-testdev", "-serial", "mon:stdio", "-display", "none",
+                 "-nodefaults", "-no-reboot", "-bios", "/x/qboot.rom"])
+    assert (o.kernel, o.append, o.initrd, o.smp, o.mem_mb, o.cpu) == (
+        "k", "a b", ["m1 x", "m2"], 4, 1024, "host,-x2apic")
+    assert o.debug_exit == (0xF4, 2) and o.testdev and o.serial == "stdio" and o.no_reboot
+    assert q.parse(["-kernel", "k"]).debug_exit is None          # QEMU: no exit device
+    assert q.parse(["-kernel", "k", "-smp", "3,maxcpus=8"]).smp == 3
+    for bad in (["-kernel", "k", "-smp"], ["-kernel", "k", "-usb"], ["-kernel", "k", "stray"],
+                ["-kernel", "k", "-device", "isa-debug-exit,bogus=1"], ["-m", "64"]):
+        with pytest.raises(q.UsageError):
+            q.parse(bad)

@@ -85,7 +85,12 @@ def _smp(text: str) -> int:
     unknown = set(kv) - {"cpus", "sockets", "cores", "threads", "maxcpus", "dies"}
     if unknown:
         raise UsageError(f"-smp {text}: unsupported {', '.join(sorted(unknown))}")
-    return _int(kv.get("cpus", "1"), "-smp")
+    if "cpus" in kv:
+        return _int(kv["cpus"], "-smp")
+    n = 1                                 # QEMU: the topology's product when cpus is not given
+    for key in ("sockets", "dies", "cores", "threads"):
+        n *= _int(kv.get(key, "1"), f"-smp {key}")
+    return n
 
 
 def _machine(text: str) -> None:
