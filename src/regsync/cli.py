@@ -314,6 +314,7 @@ def _run(m: Any, args: argparse.Namespace, tracing: bool = False) -> int:
             server.close()
     snapshot_cli.save_on_exit(m, args)
     wall = time.perf_counter() - t0
+    m.serial.drain()                 # a last line without its newline is still shown
     if args.stats:
         _print_stats(m, wall, args.json, tracing)
     from .exitstatus import process_status

@@ -84,3 +84,16 @@ def test_loopback_receives_instead_of_transmitting() -> None:
     assert _r(s, 2) & 0x0F == 0x04
     assert _r(s, 0) == ord("Q")
     assert _r(s, 5) & 1 == 0 and levels[-1] == 0
+
+
+def test_an_unfinished_line_is_drained() -> None:
+    s, out, _ = _uart()
+    for ch in b"done\nPASS":
+        _w(s, 0, ch)
+    assert out.getvalue() == "done\n"
+    s.drain()
+    assert out.getvalue() == "done\nPASS" and s.lines == ["done"] and s.text == "done\nPASS"
+    s.drain()
+    for ch in b" 2\n":
+        _w(s, 0, ch)
+    assert out.getvalue() == "done\nPASS 2\n" and s.lines == ["done", "PASS 2"]

@@ -261,6 +261,7 @@ def run(opts: Options) -> int:
             print(f"{PROG}: interrupted; stopping the guest", file=sys.stderr)
             m.stop(exitstatus.INTERRUPTED)
             return exitstatus.own_status(exitstatus.INTERRUPTED, opts.exit_status)
+        m.serial.drain()
         with contextlib.suppress(OSError, ValueError):
             sink.flush()
         status = exitstatus.process_status(m.exit_status, m.guest_code, opts.exit_status)

@@ -45,6 +45,7 @@ class Serial:
     def __init__(self, out: IO[str] | None = None) -> None:
         self.out = out if out is not None else sys.stdout
         self._buf = bytearray()
+        self._drained = 0                   # bytes of _buf already written by drain()
         self.lines: list[str] = []          # complete lines, for tests and the CLI
         self._lock = threading.Lock()
         self.irq: Callable[[int], None] | None = None
@@ -172,17 +173,31 @@ class Serial:
         self._buf.append(b)
         if b == 0x0A:
             line = self._buf.decode("utf-8", "replace")
+            rest = self._buf[self._drained:].decode("utf-8", "replace")
             self._buf.clear()
+            self._drained = 0
             self.lines.append(line.rstrip("\n"))
-            try:
-                self.out.write(line)
-                self.out.flush()
-            except (OSError, ValueError):
-                pass          # a closed stdout (| head) must not stop the guest
+            self._write_out(rest)
+
+    def _write_out(self, text: str) -> None:
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except (OSError, ValueError):
+            pass              # a closed stdout (| head) must not stop the guest
 
     @property
     def text(self) -> str:
         return "".join(line + "\n" for line in self.lines) + self._buf.decode("utf-8", "replace")
+
+    def drain(self) -> None:
+        """Write out an unfinished last line (the guest stopped mid-line): a terminal
+        shows it at once under QEMU, so a runner must see it here too. The line
+        stays unfinished in ``text``; later bytes continue it."""
+        with self._lock:
+            if len(self._buf) > self._drained:
+                self._write_out(self._buf[self._drained:].decode("utf-8", "replace"))
+                self._drained = len(self._buf)
 
 
 class DebugExit:
