@@ -413,6 +413,24 @@ def test_a_full_set_of_debug_registers_is_reported_as_such() -> None:
         assert stop_spin(m) == 0
 
 
+def test_a_break_refused_for_want_of_a_slot_says_why_on_the_console() -> None:
+    """Without int3 interception ``break`` takes a debug register. gdb 13 prints no
+    text for a refused Z0 (remote_target::insert_breakpoint: "Cannot access memory"),
+    so the VMM's console and ``monitor info bp`` say what happened."""
+    if probe_debug_caps().sw_breakpoints:
+        pytest.skip("int3 is intercepted here: break needs no debug register")
+    with spin_vm() as (m, server):
+        server.log = console = io.StringIO()
+        cmds = [f"hbreak *{SPIN[f'bw_{i}']:#x}" for i in range(4)]
+        out = run_gdb(server.port, *cmds, f"break *{SPIN['bw_5']:#x}", "continue",
+                      "monitor info bp", "detach")
+        assert "Cannot insert breakpoint 5" in out, out
+        assert "hardware slots: 4/4 in use" in out, out
+        assert f"breakpoint at {SPIN['bw_5']:#x} refused: all 4 debug registers are in use" \
+            in console.getvalue(), console.getvalue()
+        assert stop_spin(m) == 0
+
+
 def test_a_refused_watchpoint_says_why() -> None:
     """gdb 13 prints no text for a refused Z2 whatever the reply carries
     (remote_target::insert_watchpoint): the refusal names itself on the VMM's

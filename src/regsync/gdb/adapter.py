@@ -568,7 +568,11 @@ class MachineTarget(TargetBase):
             if slot is None:
                 self.slots[i] = Slot(addr, rw, size, kind)
                 return
-        raise TargetError(errno.ENOSPC, "all 4 debug registers are in use")
+        why = f"all {NSLOTS} debug registers are in use"
+        if kind == BP_SOFTWARE:
+            # gdb 13 shows "Cannot access memory" for any refused Z0: say it here.
+            self.say(f"breakpoint at {addr:#x} refused: {why} ('monitor info bp' lists them)")
+        raise TargetError(errno.ENOSPC, why)
 
     def remove_breakpoint(self, kind: int, addr: int, length: int) -> None:
         if kind == BP_SOFTWARE and self.caps.sw_breakpoints:
