@@ -9,6 +9,7 @@ import io
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,10 +126,8 @@ def test_timer_counting_at_save_keeps_running(tmp_path: Path) -> None:
         # The guest's 50 µs count runs out while Python merely reads it on this host:
         # stretch this round to 0.2 s (1 GHz APIC bus, divide by 1) so it is still
         # counting when the state is taken.
-        # KVM_SET_LAPIC restarts the timer from the page's TMCCT (lapic.c
-        # kvm_apic_set_state): both go in, and the timer counts in KVM from here.
+        # A TMICT write (re)starts the count, as the guest's own write would.
         v.regs["lapic.tmict"] = 200_000_000
-        v.regs["lapic.tmcct"] = 200_000_000
         v.flush()
         m.save(path)
         before = v.regs.dump(FULL)
@@ -305,3 +304,33 @@ def test_a_machine_this_host_cannot_take(tmp_path: Path) -> None:
     with pytest.raises(SnapshotError, match="this host cannot take") as ei:
         Machine.from_snapshot(p)
     assert "\n" not in str(ei.value)
+
+
+def test_save_and_restore_while_the_vcpu_threads_run(tmp_path: Path) -> None:
+    """Both pause the running vCPUs themselves and resume them. (restore used to read
+    the CPUID from the caller's thread first: KVM_GET_CPUID2 waited for ever on the
+    vCPU's mutex while that vCPU sat in KVM_RUN.)"""
+    spin = symbols("spin")
+    path = tmp_path / "spin.snap"
+    with Machine(smp=2, serial_out=io.StringIO()) as m:
+        m.load("spin")
+        m.start()
+        counters = lambda: [m.memory.read_u64(spin["spin_counters"] + 8 * i) for i in range(2)]
+        deadline = time.monotonic() + 20
+        while min(counters()) < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+        def runs_on() -> bool:                    # both vCPUs count on after the call
+            before = counters()
+            end = time.monotonic() + 20
+            while time.monotonic() < end:
+                if all(a > b for a, b in zip(counters(), before)):
+                    return True
+                time.sleep(0.01)
+            return False
+        m.save(path)
+        assert runs_on()
+        m.restore(path)                           # running: paused, restored, resumed
+        assert runs_on() and m.exit_status is None
+        m.memory.write_u64(spin["spin_stop"], 1)
+        assert m.wait(20) == 0, m.fatal

@@ -216,7 +216,8 @@ def capture(m: "Machine", before_memory: Callable[[], Any] | None = None) -> Mac
 
 # --- putting back -----------------------------------------------------------------------
 def check_target(m: "Machine", st: MachineState, *, fresh: bool) -> None:
-    """Everything that could refuse the restore, checked before anything is written."""
+    """Everything that could refuse the restore, checked before anything is written
+    (with the vCPUs paused: the CPUID is read on each vCPU's own thread)."""
     if st.arch != ARCH:
         raise SnapshotError(f"snapshot is for {st.arch}, this machine is {ARCH}")
     if st.smp != len(m.vcpus):
@@ -241,7 +242,8 @@ def check_target(m: "Machine", st: MachineState, *, fresh: bool) -> None:
                 if idx not in m.supported_msrs:
                     raise SnapshotError(f"snapshot vCPU {vs.id} holds MSR {idx:#x}, which this "
                                         f"host's KVM does not save or restore")
-        if not fresh and v.handle.counters.get("KVM_RUN", 0) and _cpuid_of(v) != vs.cpuid:
+        if not fresh and v.handle.counters.get("KVM_RUN", 0) and \
+                m.run_on_cpu(v, functools.partial(_cpuid_of, v)) != vs.cpuid:
             raise SnapshotError(f"vCPU {v.id} has run with another CPUID, and KVM refuses "
                                 f"KVM_SET_CPUID2 after the first KVM_RUN unless identical: "
                                 f"restore into a fresh machine (Machine.from_snapshot)")
@@ -355,8 +357,8 @@ def put_devices(m: "Machine", devices: dict[str, dict[str, Any]]) -> None:
 
 def apply(m: "Machine", st: MachineState, *, fresh: bool = False) -> None:
     """Put the whole state into m (same shape). Validated first: a refusal touches nothing."""
-    check_target(m, st, fresh=fresh)
     with paused(m):
+        check_target(m, st, fresh=fresh)
         on_each_vcpu(m, settle)
         put_vm(m, st.vm)
         put_memory(m, st.memory, fresh=fresh)
