@@ -372,9 +372,12 @@ def apply(m: "Machine", st: MachineState, *, fresh: bool = False) -> None:
 
 def after_restore(m: "Machine", st: MachineState) -> None:
     """The VMM's view follows the guest: the loaded guest, and no exit status yet."""
-    from ..machine import LoadedGuest
     if st.guest is not None:
-        m.guest = LoadedGuest(**st.guest)
+        loaded = st.__dict__.get("_loaded_guest")     # built once per state (the reset loop)
+        if loaded is None:
+            from ..machine import LoadedGuest
+            loaded = st.__dict__["_loaded_guest"] = LoadedGuest(**st.guest)
+        m.guest = loaded
     if m.threads and all(not t.thread.is_alive() for t in m.threads):
         m.threads = []                    # the guest had finished: start() may run it again
     if not m.threads:
