@@ -116,7 +116,10 @@ def reset_to(m: "Machine", snap: Snapshot, *, assume_unchanged: Iterable[str] = 
         _reset_vm(m, st, skip)
         _reset_memory(m, snap)
         for v, vs in zip(m.vcpus, st.vcpus):
-            m.run_on_cpu(v, functools.partial(_reset_vcpu, v, vs.groups, skip))
+            if m.threads:
+                m.run_on_cpu(v, functools.partial(_reset_vcpu, v, vs.groups, skip))
+            else:
+                _reset_vcpu(v, vs.groups, skip)
         put_devices(m, st.devices)
         m.halted.clear()
     after_restore(m, st)

@@ -21,7 +21,7 @@ import re
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__
 from ..arch.x86_64 import CATALOG
@@ -103,26 +103,44 @@ class MachineState:
 
 
 # --- pausing ----------------------------------------------------------------------------
-@contextlib.contextmanager
-def paused(m: "Machine") -> Iterator[None]:
-    """Hold every vCPU out of the guest (threads paused) and resume those that ran.
+class paused:
+    """``with paused(m):`` every vCPU held out of the guest (threads paused); those
+    that ran are resumed afterwards.
 
     Holds the machine's lifecycle lock, as reset() does, so a snapshot and a
     reset never interleave. Without threads (the direct run() API) nothing runs.
+    (A class, not a generator: the reset loop enters it thousands of times a second.)
     """
-    with m._lifecycle:
-        was_running = bool(m.threads) and not m.paused and m.exit_status is None
-        if was_running:
-            m.pause_all()
+
+    __slots__ = ("m", "was_running")
+
+    def __init__(self, m: "Machine") -> None:
+        self.m = m
+        self.was_running = False
+
+    def __enter__(self) -> None:
+        m = self.m
+        m._lifecycle.acquire()
         try:
-            yield
+            self.was_running = bool(m.threads) and not m.paused and m.exit_status is None
+            if self.was_running:
+                m.pause_all()
+        except BaseException:
+            m._lifecycle.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.was_running:
+                self.m.resume_all()
         finally:
-            if was_running:
-                m.resume_all()
+            self.m._lifecycle.release()
 
 
 def on_each_vcpu(m: "Machine", fn: Callable[["Vcpu"], Any]) -> list[Any]:
     """fn(vcpu) on each vCPU's own thread (the cache's rule 9), in vCPU order."""
+    if not m.threads:                 # the direct run() API: this is the vCPUs' thread
+        return [fn(v) for v in m.vcpus]
     return [m.run_on_cpu(v, functools.partial(fn, v)) for v in m.vcpus]
 
 
