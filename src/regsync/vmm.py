@@ -460,7 +460,7 @@ class VmmMixin:
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the guest to exit; returns the exit status (None on timeout)."""
         if not self._stopped.is_set():
-            if self._exit_gate.acquire(timeout=-1 if timeout is None else timeout):
+            if self._exit_gate.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
                 self._exit_gate.release()             # let the next waiter through
             if not self._stopped.is_set():
                 return None
