@@ -353,3 +353,20 @@ def test_an_msr_kvm_refuses_is_named(tmp_path: Path) -> None:
         with pytest.raises(KvmError, match="MSR 0xc0000082") as ei:
             apply(m, st)
         assert "KVM_SET_MSRS" in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_device_state_travels(tmp_path: Path) -> None:
+    """The UART's registers and an armed watchdog (with the time it had left) are in the file."""
+    path = tmp_path / "dev.snap"
+    with Machine(smp=1, serial_out=io.StringIO()) as m:
+        m.load("hello")
+        m.serial.scr, m.serial.lcr, m.serial.divisor = 0x5A, 0x03, 0x01   # 115200 8N1
+        m.watchdog.arm(30.0)
+        m.save(path)
+        m.watchdog.disarm()
+    with Machine.from_snapshot(path, serial_out=io.StringIO()) as r:
+        assert (r.serial.scr, r.serial.lcr, r.serial.divisor) == (0x5A, 0x03, 0x01)
+        assert r.watchdog.armed
+        left = r.watchdog.save_state()["left"]
+        assert left is not None and 25 < left <= 30
+        r.watchdog.disarm()
