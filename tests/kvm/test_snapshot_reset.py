@@ -217,3 +217,37 @@ def test_dirty_log_modes_report_guest_and_regsync_writes(mode: str) -> None:
         assert m.memory.collect_dirty() == []              # the log starts afresh
         run_once(m, 2, 1)
         assert area in m.memory.collect_dirty()            # and pages are logged again
+
+
+def test_snapshot_and_reset_with_running_vcpu_threads() -> None:
+    """The threaded VMM: snapshot and reset pause the running vCPUs, work on their own
+    threads and resume them; a paused machine stays paused (so it can be inspected)."""
+    import time
+    spin = symbols("spin")
+    with Machine(smp=2, serial_out=io.StringIO()) as m:
+        m.load("spin")
+        m.start()
+        counters = lambda: [m.memory.read_u64(spin["spin_counters"] + 8 * i) for i in range(2)]
+
+        def wait_until(cond: Any) -> bool:
+            end = time.monotonic() + 20
+            while time.monotonic() < end:
+                if cond():
+                    return True
+                time.sleep(0.005)
+            return False
+        assert wait_until(lambda: min(counters()) > 50)
+        snap = m.snapshot()                      # running: paused, taken, resumed
+        page = snap.pages[0][spin["spin_counters"] >> 12]
+        off = spin["spin_counters"] & 0xFFF
+        back = [int.from_bytes(page[off + 8 * i:off + 8 * i + 8], "little") for i in range(2)]
+        assert wait_until(lambda: min(c - b for c, b in zip(counters(), back)) > 1000)
+        m.pause_all()
+        m.reset_to(snap)                         # paused: stays paused
+        assert counters() == back
+        m.resume_all()
+        assert wait_until(lambda: all(c > b for c, b in zip(counters(), back)))
+        m.reset_to(snap)                         # running: paused, reset, resumed
+        assert wait_until(lambda: all(c > b for c, b in zip(counters(), back)))
+        m.memory.write_u64(spin["spin_stop"], 1)
+        assert m.wait(20) == 0, m.fatal
