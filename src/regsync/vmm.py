@@ -448,14 +448,19 @@ class VmmMixin:
             raise RuntimeError("the machine's vCPU threads are already started")
         if self._closing:
             raise VcpuStopped("the machine is closed")
+        self.rearm()
+        self.threads = [VcpuThread(v, self.dispatch, self._vcpu_error, paused) for v in self.vcpus]
+        for t in self.threads:
+            t.start()
+
+    def rearm(self) -> None:
+        """The guest is to run again: no exit status, and wait() blocks until the next
+        exit (start() does this; so may a restore of a finished guest)."""
         with self._finish_lock:
             self._stopped.clear()
             self.exit_status = None
             self.guest_code = None
-            self._exit_gate.acquire(blocking=False)    # armed again if a stop() came first
-        self.threads = [VcpuThread(v, self.dispatch, self._vcpu_error, paused) for v in self.vcpus]
-        for t in self.threads:
-            t.start()
+            self._exit_gate.acquire(blocking=False)    # held again if an exit released it
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the guest to exit; returns the exit status (None on timeout)."""
