@@ -370,3 +370,37 @@ def test_device_state_travels(tmp_path: Path) -> None:
         left = r.watchdog.save_state()["left"]
         assert left is not None and 25 < left <= 30
         r.watchdog.disarm()
+
+
+def test_memory_mapped_from_the_file_is_the_guests(tmp_path: Path) -> None:
+    """Runs of at least MAP_RUN_MIN are mapped from the validated file, copy-on-write:
+    the guest executes from them (its code lies in one), regsync reads them, a second
+    restore and a fast reset over them give the same memory and the same result."""
+    import os
+    from regsync.snapshot.state import MAP_RUN_MIN
+    n = 300
+    path = tmp_path / "mapped.snap"
+    noise = os.urandom(2 << 20)
+    with Machine(smp=1, mem_mb=16, serial_out=io.StringIO()) as m:
+        m.load("hypercall", arg=n)
+        start = (m.guest.end + 0xFFF) & ~0xFFF
+        m.memory.write(start, noise)          # one run with the code: >= MAP_RUN_MIN
+        run_exits(m, 40)
+        m.save(path)
+        want = memory_digest(m)
+    info = fileformat.read(path)
+    assert max(n for _, n, _ in info.state.memory[0].file_runs) >= MAP_RUN_MIN
+    with Machine.from_snapshot(path, serial_out=io.StringIO()) as r:
+        assert memory_digest(r) == want
+        snap = r.snapshot()
+        assert run_to_exit(r) == 0
+        assert f"checksum={hypercall_checksum(n):#018x}" in r.serial.text
+        r.restore(path)                        # onto mapped memory: remapped, mapped again
+        assert memory_digest(r) == want
+        assert run_to_exit(r) == 0
+        r.reset_to(snap)                       # not the baseline any more: a full restore
+        assert memory_digest(r) == want
+        r.reset_to(snap)                       # the fast way, pages written by the guest
+        assert memory_digest(r) == want
+        assert run_to_exit(r) == 0
+        assert r.serial.text.count(f"checksum={hypercall_checksum(n):#018x}") == 3

@@ -196,7 +196,24 @@ def read(path: str | os.PathLike[str]) -> FileInfo:
         if size < _HEADER.size:
             raise _fail(p, f"truncated: {size} bytes, shorter than the {_HEADER.size}-byte header")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return _decode(p, buf, size)
+        info = _decode(p, buf, size)
+        # The very file that was validated (not whatever the path names later) stays
+        # open, so put_memory can map its page-aligned runs instead of copying them.
+        source = MappedFile(os.dup(f.fileno()))
+    for img in info.state.memory:
+        img.source = source
+    return info
+
+
+class MappedFile:
+    """An open snapshot file whose memory runs may be mapped into a guest (closed with it)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 def _decode(p: Path, buf: Any, size: int) -> FileInfo:
@@ -242,9 +259,12 @@ def _decode(p: Path, buf: Any, size: int) -> FileInfo:
         off, length = sections[name]
         return view[off:off + length]
 
+    def section_offset(name: str) -> int:
+        return sections[name][0]
+
     try:
         meta = json.loads(bytes(section("meta")))
-        st = _state(meta, section, arch)
+        st = _state(meta, section, section_offset, arch)
     except SnapshotError as e:
         raise _fail(p, str(e)) from None
     except (KeyError, TypeError, ValueError) as e:
@@ -253,7 +273,7 @@ def _decode(p: Path, buf: Any, size: int) -> FileInfo:
                     {n: ln for n, (_, ln) in sections.items()}, st)
 
 
-def _state(meta: dict[str, Any], section: Any, arch: str) -> MachineState:
+def _state(meta: dict[str, Any], section: Any, section_offset: Any, arch: str) -> MachineState:
     vcpu_meta = meta["vcpus"]
     if not isinstance(vcpu_meta, list) or not 1 <= len(vcpu_meta) <= MAX_VCPUS:
         raise SnapshotError(f"vCPU count {len(vcpu_meta)} is beyond the limit (1..{MAX_VCPUS})")
@@ -272,13 +292,15 @@ def _state(meta: dict[str, Any], section: Any, arch: str) -> MachineState:
             raise SnapshotError(f"memory slot {i} ({size} bytes at {gpa:#x}) is beyond the "
                                 f"limits (page aligned, {MAX_MEMORY >> 30} GiB in all)")
         data = section(f"mem{i}")
-        extents = []
+        base = section_offset(f"mem{i}")
+        extents, file_runs = [], []
         for off, length, at in s["runs"]:
             if off < 0 or length < 0 or off + length > size or at < 0 or at + length > len(data):
                 raise SnapshotError(f"memory slot {i}: run of {length} bytes at {off:#x} lies "
                                     f"outside the slot or its section")
             extents.append((int(off), data[at:at + length]))
-        memory.append(SlotImage(gpa, size, extents))
+            file_runs.append((int(off), int(length), base + int(at)))
+        memory.append(SlotImage(gpa, size, extents, file_runs=file_runs))
     return MachineState(arch, bool(meta["irqchip"]), vcpus, vm, memory,
                         dict(meta.get("devices") or {}), meta.get("guest"),
                         dict(meta.get("info") or {}))
