@@ -435,3 +435,22 @@ def test_layout_follows_the_mode_at_the_first_stop(mode: str, addr: int, arch: s
     assert f'(currently "{arch}")' in out, out
     ip = addr & 0xFFFF if mode == "real" else addr
     assert f"$1 = {ip:#x}" in out and f"$2 = {ip + 2:#x}" in out, out
+
+
+def test_trace_of_stepi_shows_no_register_transfer(tmp_path: Path) -> None:
+    """Issue 12: `monitor trace` around 20 stepi: KVM_RUNs, and not one register transfer."""
+    path = tmp_path / "stepi.jsonl"
+    with spin_vm(smp=2) as (m, server):
+        # The first stepi enters the guest with the loaded boot state (REGS and SREGS
+        # ride kvm_run once); the trace starts after it.
+        out = run_gdb(server.port, "stepi", f"monitor trace on {path}", *["stepi"] * 20,
+                      "monitor trace show", "monitor trace off", "monitor trace bogus",
+                      "detach")
+        assert "sync trace on" in out, out
+        assert "unknown argument 'bogus'" in out, out
+        assert stop_spin(m) == 0
+    from regsync.trace import load, summary
+    s = summary(load(path))
+    assert s["runs"] >= 20, s
+    assert s["transfers"] == 0, s
+    assert "0 register transfers" in out, out

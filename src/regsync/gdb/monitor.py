@@ -321,5 +321,7 @@ def info_bp_text(target: "MachineTarget") -> str:
     return "\n".join(lines) + "\n"
 
 
-# Commands other packages own register on import (the snapshot room: savevm, loadvm).
+# Commands other packages own register on import (the snapshot room: savevm, loadvm;
+# the trace room: trace).
 from ..snapshot import monitor as _snapshot_monitor  # noqa: E402,F401  (registers)
+from ..trace import monitor as _trace_monitor  # noqa: E402,F401  (registers: trace)
