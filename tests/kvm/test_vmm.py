@@ -232,7 +232,8 @@ def test_cli_regs_info_list() -> None:
     p = subprocess.run([sys.executable, "-m", "regsync.cli", "list"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.splitlines()[0].startswith("counter")
-    assert len(p.stdout.splitlines()) == 7
+    from regsync.guests import GUESTS
+    assert len(p.stdout.splitlines()) == len(GUESTS)          # one line per bundled guest
 
 
 def test_stats_are_reported() -> None:
