@@ -530,6 +530,7 @@ class RegisterCache:
             self.held &= ~g.bit
             raise
         if deferred:
-            self.in_flight |= g.bit
+            self.in_flight |= g.bit         # counted by after_run when KVM applies it
+        else:
+            self._stats.writes[name] += 1
         self.held |= g.bit
-        self._stats.writes[name] += 1
