@@ -423,10 +423,7 @@ class RegisterCache:
                 if one is not None:
                     one.clear()
                 else:
-                    while done:
-                        bit = done & -done
-                        done ^= bit
-                        self._dirty_of_bit[bit].clear()
+                    self.applied(done)
             self.in_flight = 0
         if self.dirty_mask & self.held:
             # KVM rewrote the kvm_run page under edits made before a run that did
@@ -435,6 +432,13 @@ class RegisterCache:
                 local = self.locals[g.name]
                 for reg, val in self.dirty[g.name].items():
                     self._set[reg](local, val)
+
+    def applied(self, mask: int) -> None:
+        """The queued groups in mask reached the kernel: their edits are done."""
+        while mask:
+            bit = mask & -mask
+            mask ^= bit
+            self._dirty_of_bit[bit].clear()
 
     def take_back_deferred(self) -> None:
         """Writes queued in kvm_dirty_regs become plain dirty registers again (a KVM_RUN

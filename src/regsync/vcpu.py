@@ -73,6 +73,7 @@ class Vcpu:
         self._pending_exit: exits.AnyExit | None = None   # see _complete_pending_io
         # For run()'s inlined no-syscall flush (cache.flush's fast path).
         self._fast_defer_mask = self.transport.fast_defer_mask
+        self._sync_mask = self.transport.sync_mask
         self._dirty_flags = self.transport._flags_for
         self.setup_stats: dict[str, Any] | None = None    # see end_setup
 
@@ -115,9 +116,27 @@ class Vcpu:
                 cache.run_failed()        # raises RegisterWriteError naming the group
             cache.take_back_deferred()
             raise
-        # A queued bit KVM did not clear was not applied (see cache.after_run).
-        cache.after_run(self.transport.unconsumed(cache.in_flight)
-                        if view[_DIRTY_REGS_AT] else 0)
+        if view[_DIRTY_REGS_AT] or cache.dirty_mask:
+            # A queued bit KVM did not clear was not applied (see cache.after_run).
+            cache.after_run(self.transport.unconsumed(cache.in_flight)
+                            if view[_DIRTY_REGS_AT] else 0)
+        else:
+            # cache.after_run's common case, inlined (the reference is after_run):
+            # KVM applied everything queued; only what it handed back is held.
+            self.transport.deferred = 0
+            cache.held = self._sync_mask
+            cache._fetched_since_run = 0
+            cache.exits += 1
+            flight = cache.in_flight
+            if flight:
+                tally = cache._deferred_tally
+                tally[flight] = tally.get(flight, 0) + 1
+                one = cache._dirty_of_bit.get(flight)
+                if one is not None:
+                    one.clear()
+                else:
+                    cache.applied(flight)
+                cache.in_flight = 0
         if rc < 0:
             self._run_page.immediate_exit = 0
             ex: exits.AnyExit = exits.INTERRUPTED
