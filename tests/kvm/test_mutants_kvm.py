@@ -180,3 +180,227 @@ def test_a_deferred_put_counts_one_write(counter) -> None:
     v.cache.put("REGS", saved, defer=True)
     run_to_tick(m, v)
     assert v.stats["writes"].get("REGS", 0) == writes + 1
+
+
+# --- the register file on x86: the lapic.tpr alias and MSRs by index -----------------------
+def test_tpr_alias_takes_exactly_what_cr8_keeps(counter) -> None:
+    """lapic.tpr is 8 bits, CR8 = TPR[7:4]: 0x00..0xF0 in steps of 0x10 are kept, anything
+    else is refused naming lapic.tpr (never written to CR8 masked or wrapped)."""
+    m, v = counter
+    for ok in (0xF0, 0x10, 0):
+        v.regs["lapic.tpr"] = ok
+        assert v.regs["lapic.tpr"] == ok and v.regs.cr8 == ok >> 4
+    for bad in (0x21, 0x01, 0x0F):
+        with pytest.raises(ValueError, match=r"^lapic\.tpr=.*TPR\[3:0\]"):
+            v.regs["lapic.tpr"] = bad
+    for bad in (0x100, 0x1F0, -0x10):
+        with pytest.raises(ValueError, match=rf"^lapic\.tpr: {bad!r} does not fit in 8 bits$"):
+            v.regs["lapic.tpr"] = bad
+    with pytest.raises(ValueError, match=r"^lapic\.tpr: "):
+        v.regs["lapic.tpr"] = 1.0  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="^lapic.tpr is written by value"):
+        v.regs.set_bits("lapic.tpr", 0x10)
+    assert v.regs.cr8 == 0
+    run_to_tick(m, v)
+    assert v.regs.r15 == 0
+
+
+MTRR_DEF_TYPE = 0x2FF       # an MSR KVM saves that the catalog does not name
+
+
+def test_an_msr_outside_the_catalog_reads_writes_and_checks_its_width(counter) -> None:
+    m, v = counter
+    value = v.handle.get_msrs([MTRR_DEF_TYPE])[0]
+    assert v.regs.msr(MTRR_DEF_TYPE) == value
+    assert v.regs.msr(MTRR_DEF_TYPE) == value             # the same register, again
+    with pytest.raises(ValueError, match=r"^msr_0x2ff: 0x10000000000000000 does not fit in 64"):
+        v.regs.set_msr(MTRR_DEF_TYPE, 1 << 64)
+    v.regs.set_msr(MTRR_DEF_TYPE, value)
+    assert v.cache.dirty_registers() == ["msr_0x2ff"]
+    v.flush()
+    assert v.handle.get_msrs([MTRR_DEF_TYPE])[0] == value
+    assert v.regs.dump()["star"] is not None              # the MSRS batch still reads
+
+
+@pytest.mark.parametrize("index", [1 << 32, 2 << 32, -1])
+def test_an_msr_index_beyond_32_bits_is_refused(counter, index: int) -> None:
+    m, v = counter
+    with pytest.raises(KeyError, match=rf"MSR index {index:#x} is out of range"):
+        v.regs.msr(index)
+
+
+def test_msr_index_zero_is_an_msr_like_any_other(counter) -> None:
+    """0 is a valid index (IA32_P5_MC_ADDR): KVM answers, or refuses naming it."""
+    m, v = counter
+    try:
+        v.regs.msr(0)
+    except KvmError as e:
+        assert "0x0" in str(e)
+
+
+# --- vcpu.py: an IN or MMIO read completes before registers are written over it -----------
+def _in_mmio_guest() -> bytes:
+    code = bytearray()
+    code += b"\xe4\x60"                                  # in $0x60, %al
+    code += b"\xe6\x61"                                  # out %al, $0x61
+    code += b"\xa0" + (0xD000_0000).to_bytes(8, "little")  # movabs 0xd0000000, %al (MMIO read)
+    code += b"\xe6\x62"                                  # out %al, $0x62
+    code += b"\xf4"                                      # hlt
+    return bytes(code)
+
+
+@pytest.fixture
+def in_mmio(tmp_path):
+    img = tmp_path / "in_mmio.bin"
+    img.write_bytes(_in_mmio_guest())
+    with Machine(smp=1, irqchip=False) as m:
+        m.load(str(img))
+        yield m, m.vcpus[0]
+
+
+def test_edits_at_an_in_and_an_mmio_read_wait_for_their_completion(in_mmio) -> None:
+    """api.rst: the I/O completes on re-entry; a register write before it makes this host
+    re-execute the IN. run() completes it first, so the guest goes on."""
+    m, v = in_mmio
+    ex = v.run()
+    assert (ex.kind, ex.port, ex.direction) == ("io", 0x60, "in")
+    ex.respond(0x42)
+    v.regs.r9 = 0xE1
+    ex = v.run()
+    assert (ex.kind, ex.port, ex.direction, ex.value) == ("io", 0x61, "out", 0x42)
+    assert v.regs.r9 == 0xE1
+    ex = v.run()
+    assert ex.kind == "mmio" and not ex.is_write
+    ex.respond(0x37)
+    v.regs.r10 = 0xE2
+    ex = v.run()
+    assert (ex.kind, ex.port, ex.value) == ("io", 0x62, 0x37)
+    assert v.regs.r10 == 0xE2
+    io = v.handle.counters
+    runs = io["KVM_RUN"]
+    assert v.run().kind == "hlt" and io["KVM_RUN"] == runs + 1
+    assert v.complete_pending_operation() is False and io["KVM_RUN"] == runs + 1
+
+
+def test_flush_completes_a_pending_in_only_when_it_has_something_to_write(in_mmio) -> None:
+    m, v = in_mmio
+    ex = v.run()
+    ex.respond(0x42)
+    io = v.handle.counters
+    before = dict(io)
+    v.flush()                                            # nothing dirty: no syscall (rule 7)
+    assert dict(io) == before
+    v.regs.r9 = 0xE1
+    v.flush()                                            # completes the IN, then writes
+    assert io["KVM_RUN"] == before["KVM_RUN"] + 1 and io["KVM_SET_REGS"] == before.get(
+        "KVM_SET_REGS", 0) + 1
+    assert v.last_exit.kind == "interrupted"
+    ex = v.run()
+    assert (ex.kind, ex.port, ex.value) == ("io", 0x61, 0x42)
+    ex = v.run()
+    ex.respond(0x37)
+    v.regs.r10 = 0xE2
+    v.flush()
+    ex = v.run()
+    assert (ex.kind, ex.port, ex.value) == ("io", 0x62, 0x37) and v.regs.r10 == 0xE2
+
+
+def test_complete_pending_operation_answers_whether_it_ran(in_mmio) -> None:
+    m, v = in_mmio
+    ex = v.run()
+    ex.respond(0x42)
+    assert v.complete_pending_operation() is True
+    assert v.regs.rax & 0xFF == 0x42                      # the IN is done
+    ex = v.run()
+    assert (ex.kind, ex.port, ex.value) == ("io", 0x61, 0x42)
+    ex = v.run()
+    ex.respond(0x37)
+    assert v.complete_pending_operation() is True
+    assert v.regs.rax & 0xFF == 0x37
+
+
+def test_an_edit_at_an_out_exit_costs_no_extra_kvm_run(counter) -> None:
+    """Only an IN or an MMIO read needs completing: an OUT's edit rides the next run."""
+    m, v = counter
+    io = v.handle.counters
+    runs = io["KVM_RUN"]
+    v.regs.r12 = 1000
+    assert v.run().port == 0x501
+    assert io["KVM_RUN"] == runs + 1 and v.regs.r12 == 1001
+
+
+# --- vcpu.py: the sync vocabulary and the rest of the door ----------------------------------
+def test_synchronize_defaults_to_full_and_levels_are_checked(counter) -> None:
+    m, v = counter
+    io = v.handle.counters
+    v.synchronize()
+    v.synchronize_state()
+    gets = io["KVM_GET_DEBUGREGS"]
+    v.regs.dr7
+    assert io["KVM_GET_DEBUGREGS"] == gets                # FULL holds DEBUGREGS
+    with pytest.raises(ValueError) as ei:
+        v.synchronize_state("full")                       # QEMU's names, exactly
+    assert str(ei.value) == "unknown level 'full' (known: RUNTIME, RESET, FULL)"
+
+
+def test_invalidate_and_flush_by_name(counter) -> None:
+    m, v = counter
+    io = v.handle.counters
+    v.regs.cr0
+    v.invalidate("SREGS")
+    gets = io["KVM_GET_SREGS"]
+    v.regs.cr0
+    assert io["KVM_GET_SREGS"] == gets + 1
+    v.regs.r12 = 1000
+    sets = io["KVM_SET_REGS"]
+    v.flush()                                             # now, by ioctl: not queued
+    assert io["KVM_SET_REGS"] == sets + 1 and v.handle.get_regs().r12 == 1000
+
+
+def test_writes_avoided_counts_a_group_read_and_not_written_back(counter) -> None:
+    m, v = counter
+    avoided = v.stats["writes_avoided"]
+    v.regs.dr7                                            # DEBUGREGS fetched, unchanged
+    run_to_tick(m, v)
+    assert v.stats["writes_avoided"] == avoided + 1
+
+
+@pytest.mark.parametrize("strategy", ["eager", "qemu", "qemu2012", "qemu2013"])
+def test_every_strategy_writes_an_edit_before_the_run(strategy: str) -> None:
+    with Machine(smp=1, strategy=strategy) as m:
+        m.load("counter")
+        v = m.vcpus[0]
+        run_to_tick(m, v)
+        v.regs.r12 = 1000
+        run_to_tick(m, v)
+        assert v.regs.r12 == 1001
+
+
+def test_a_hardware_breakpoint_set_through_the_vcpu_stops_the_guest(counter) -> None:
+    from regsync.guests import symbols
+    m, v = counter
+    tick = symbols("counter")["counter_tick"]
+    v.set_guest_debug(ks.KVM_GUESTDBG_ENABLE | ks.KVM_GUESTDBG_USE_HW_BP,
+                      [tick, 0, 0, 0, 0, 0, 0, 0x1])
+    ex = v.run()
+    assert ex.kind == "debug" and v.regs.rip == tick
+    v.set_guest_debug(0)
+
+
+def test_a_machine_without_irqchip_has_no_lapic_group(tmp_path) -> None:
+    img = tmp_path / "hlt.bin"
+    img.write_bytes(b"\xf4")
+    with Machine(smp=1, irqchip=False) as m:
+        m.load(str(img))
+        v = m.vcpus[0]
+        assert repr(v) == "<Vcpu 0 strategy=regsync>"
+        d = v.regs.dump()
+        assert "rip" in d and not any(k.startswith("lapic.") for k in d)
+        with pytest.raises(KeyError, match="no in-kernel LAPIC"):
+            v.regs.lapic_tmict
+
+
+def test_end_setup_keeps_the_counts_so_far(counter) -> None:
+    m, v = counter
+    v.end_setup()
+    assert v.setup_stats == v.stats and v.setup_stats["exits"] >= 1

@@ -7,6 +7,7 @@ lists the mutants they kill and the ones that are equivalent. No /dev/kvm needed
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -344,3 +345,68 @@ def test_every_cache_entry_point_refuses_another_thread() -> None:
             call()
         errors.append(name)  # type: ignore[arg-type]
     assert not v.kernel.gets and not v.kernel.sets and not v.cache.dirty_registers()
+
+
+# --- the register file: names, suggestions, dump --------------------------------------------
+def test_unknown_names_get_at_most_three_suggestions_or_none() -> None:
+    regs = SimVcpu().regs
+    with pytest.raises(KeyError) as ei:
+        regs["srr"]                                       # five names are close
+    assert re.search(r"; did you mean \w+, \w+, \w+\?$", ei.value.args[0]), ei.value
+    with pytest.raises(AttributeError) as ai:
+        regs.srr
+    assert re.search(r"; did you mean \w+, \w+, \w+\?$", str(ai.value)), ai.value
+    with pytest.raises(KeyError) as ei:
+        regs["zzz"]
+    assert ei.value.args[0] == "no register named 'zzz'"
+    with pytest.raises(AttributeError) as ai:
+        regs.zzz
+    assert str(ai.value) == "no register named 'zzz'"
+
+
+def test_dir_lists_every_register_and_alias_attribute() -> None:
+    regs = SimVcpu().regs
+    assert dir(regs) == sorted(r.name for r in CATALOG.registers)
+
+
+def test_dump_of_a_mask_has_exactly_its_groups_registers() -> None:
+    v = SimVcpu()
+    mask = BIT["TIMER"] | BIT["EVENTS"]
+    want = [r.name for r in CATALOG.registers if r.group in ("TIMER", "EVENTS")]
+    for _ in range(2):                                    # the plan is built, then reused
+        d = v.regs.dump(mask)
+        assert list(d) == want
+        assert d["decar"] == KERNEL_DECAR
+    assert list(v.regs.dump()) == [r.name for r in CATALOG.registers]
+
+
+def test_a_held_register_read_off_the_owner_thread_is_refused() -> None:
+    """The hot path answers a held group locally only on the owner's thread (rule 9)."""
+    import threading
+
+    v = SimVcpu()
+    assert v.regs.r1 == KERNEL_R1                         # GPRS held
+    t = threading.Thread(target=lambda: setattr(v.cache, "owner", threading.get_ident()))
+    t.start()
+    t.join()
+    with pytest.raises(WrongThreadError):
+        v.regs.r1
+
+
+# --- vcpu.to_mask: the sync vocabulary's names -----------------------------------------------
+def test_to_mask_takes_levels_and_groups_in_any_case_and_combines_them() -> None:
+    from regsync.arch.x86_64 import CATALOG as X86
+    from regsync.vcpu import to_mask
+
+    bit = {g.name: g.bit for g in X86.groups}
+    assert to_mask(0x5) == 0x5
+    assert to_mask("full") == X86.levels["FULL"]
+    assert to_mask(["lapic", "RUNTIME"]) == X86.levels["RUNTIME"] | bit["LAPIC"]
+    assert to_mask(("REGS", "sregs", "Msrs")) == bit["REGS"] | bit["SREGS"] | bit["MSRS"]
+    assert to_mask(["RESET", "RUNTIME"]) == X86.levels["RESET"]
+    known = ", ".join([*X86.levels, *X86.group_by_name])
+    with pytest.raises(ValueError) as ei:
+        to_mask(["REGS", "nope"])
+    assert str(ei.value) == f"unknown level or group 'NOPE' (known: {known})"
+    with pytest.raises(ValueError, match=r"^unknown level or group 1 "):
+        to_mask([1])  # type: ignore[list-item]
