@@ -25,6 +25,7 @@ change K as the sim kernel does. Invariants:
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 
 import pytest
@@ -32,6 +33,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from regsync.cache import EditContradicted
 from regsync.sim import (CATALOG, MSR_RESERVED, RESET_GPRS, RESET_PENDING, RUNNABLE, TSR_WIS,
                          SimVcpu)
 
@@ -170,12 +172,21 @@ def machine(names: st.SearchStrategy[str], masks: st.SearchStrategy[int]) -> typ
             self.kernel.request_reset()
             self.K["mp_state"] = RESET_PENDING
             self.cache.invalidate(BIT["MPSTATE"])
-            self.cache.synchronize(BIT["MPSTATE"])
-            for name in [n for n in self.E if GROUP_OF[n] in ("GPRS", "SPRS")]:
+            reported = len(self.cache.stats.contradicted)
+            with warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                self.cache.synchronize(BIT["MPSTATE"])
+            overwritten = {n: v for n, v in self.E.items() if GROUP_OF[n] in ("GPRS", "SPRS")}
+            for name in overwritten:
                 assert self.kernel.sets[GROUP_OF[name]] > self.sets_seen[GROUP_OF[name]], \
                     f"edit of {name} not flushed before the MPSTATE fetch"
             self.observe_writes(dropped=("GPRS", "SPRS"))
             model_reset(self.K)
+            # An edit the reset changed is reported (stats and one warning), never hidden.
+            changed = {n for n, v in overwritten.items() if self.K[n] != v}
+            assert {c.register for c in self.cache.stats.contradicted[reported:]} == changed
+            assert len([w for w in warned if issubclass(w.category, EditContradicted)]) == \
+                (1 if changed else 0)
             assert self.vcpu.regs.mp_state == self.E.get("mp_state", RUNNABLE)
             assert self.vcpu.regs.pc == self.E.get("pc", RESET_GPRS["pc"])
 
