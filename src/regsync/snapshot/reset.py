@@ -21,10 +21,13 @@ full restore would (RESET_POLICY, measured on this host; see the table):
   drop the free kvm_run copies of REGS/SREGS/EVENTS (catalog: MP_STATE
   invalidates them); its SET costs no more than the GET.
 
-Measured here (python -m benchmarks.reset_loop --costs, µs per ioctl, one run
-with other load on the host; vCPU ioctls are expensive on this nested host):
-GET/SET MP_STATE 40/32, XSAVE 32/49, XCRS 26/40, DEBUGREGS 8/43, LAPIC 8/39,
-MSRS 28/85, MSRS_TIME 14/44; PIT 2/4, PIC 3/3, IOAPIC 3/4, clock 6/5.
+Measured with ``python benchmarks/reset_loop.py --costs`` (µs per ioctl, GET/SET;
+two runs on this host, which other sessions loaded, so they drift): MP_STATE 40/32,
+35/37; XSAVE 32/49, 9/43; XCRS 26/40, 11/10; DEBUGREGS 8/43, 67/24; LAPIC 8/39, 9/73;
+MSRS 28/85, 61/150; MSRS_TIME 14/44, 82/112; PIT 2/4, 10/33; PICs and IOAPIC 3-18 each
+way; clock 6/5. A SET mostly costs more than a GET, and where the two are level the
+check still wins for a group a run rarely changes: an unchanged group is then not
+written at all (a SET is not free of effects: KVM_SET_LAPIC restarts the timer).
 
 ``assume_unchanged`` names groups (and VM parts) the caller vouches the guest
 does not change -- a harness for code that touches only general registers and
