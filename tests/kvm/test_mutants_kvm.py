@@ -95,7 +95,7 @@ def test_a_short_set_msrs_keeps_exactly_the_refused_msr_dirty(counter, monkeypat
     v.regs.tsc_adjust = 0
     with pytest.raises(RegisterWriteError) as ei:
         v.run()
-    assert ei.value.registers == ["tsc_adjust"]
+    assert ei.value.registers == ["tsc_adjust"] and ei.value.group == "MSRS+MSRS_TIME"
     assert v.cache.dirty_registers() == ["tsc_adjust"]
     assert v.stats["writes"]["MSRS"] == writes + 1
     with pytest.raises(RegisterWriteError):          # still dirty: the vCPU does not run
@@ -130,7 +130,8 @@ def test_put_writes_at_once_and_keeps_every_other_edit_and_held_group(counter) -
     assert v.regs.r12 == 101 and io["KVM_GET_REGS"] == gets   # held: the put's value
     v.regs.cr0                                                   # SREGS is still held
     assert io["KVM_GET_SREGS"] == sregs_gets
-    run_to_tick(m, v)
+    delta = _ioctl_delta(v, lambda: run_to_tick(m, v))
+    assert {k for k in delta if k.startswith("KVM_SET_")} == {"KVM_SET_MSRS"}   # star only
     assert (v.regs.r12, v.regs.r13) == (102, STAR)
 
 
@@ -144,6 +145,16 @@ def test_put_deferred_rides_the_next_run(counter) -> None:
     assert io["KVM_SET_REGS"] == sets
     run_to_tick(m, v)
     assert v.regs.r12 == 2 and io["KVM_SET_REGS"] == sets
+
+
+def test_a_deferred_put_keeps_another_queued_group(counter) -> None:
+    m, v = counter
+    saved = v.cache.export(BIT["REGS"])["REGS"]      # r12 = 1
+    v.regs.cr8 = v.regs.cr8
+    v.cache.flush()                                  # SREGS queued
+    v.cache.put("REGS", saved, defer=True)
+    run_to_tick(m, v)
+    assert v.regs.r12 == 2 and v.cache.dirty_registers() == []
 
 
 def test_put_lands_after_a_write_queued_before_it(counter) -> None:
@@ -280,6 +291,27 @@ def test_edits_at_an_in_and_an_mmio_read_wait_for_their_completion(in_mmio) -> N
     runs = io["KVM_RUN"]
     assert v.run().kind == "hlt" and io["KVM_RUN"] == runs + 1
     assert v.complete_pending_operation() is False and io["KVM_RUN"] == runs + 1
+    v.regs.r9 = 1
+    v.flush()                                            # nothing to complete at a HLT
+    assert io["KVM_RUN"] == runs + 1
+
+
+def test_completing_an_in_for_another_groups_edit_writes_no_gprs(in_mmio) -> None:
+    m, v = in_mmio
+    ex = v.run()
+    ex.respond(0x42)
+    v.regs.dr0 = 0x1000                                  # DEBUGREGS: not a kvm_run group
+    queued = v.stats["deferred_writes"].get("REGS", 0)
+    delta = _ioctl_delta(v, lambda: v.run())
+    assert "KVM_SET_REGS" not in delta and delta.get("KVM_SET_DEBUGREGS") == 1
+    assert v.stats["deferred_writes"].get("REGS", 0) == queued
+    assert v.regs.dr0 == 0x1000 and v.last_exit.port == 0x61
+
+
+def test_a_fresh_vcpu_has_no_exit_yet() -> None:
+    with Machine(smp=1) as m:
+        v = m.vcpus[0]
+        assert v.last_exit is None and not v.has_pending_exit
 
 
 def test_flush_completes_a_pending_in_only_when_it_has_something_to_write(in_mmio) -> None:
@@ -404,3 +436,140 @@ def test_end_setup_keeps_the_counts_so_far(counter) -> None:
     m, v = counter
     v.end_setup()
     assert v.setup_stats == v.stats and v.setup_stats["exits"] >= 1
+
+
+# --- the transport: put/export round trips, riding rules, stats, no sync_regs --------------
+@pytest.fixture(params=[True, False], ids=["sync_regs", "ioctl_only"])
+def counter_any(request):
+    with Machine(smp=1, sync_regs=request.param) as m:
+        m.load("counter")
+        v = m.vcpus[0]
+        run_to_tick(m, v)
+        yield m, v
+
+
+def _stable(d: dict) -> dict:
+    """The registers a run of the counter guest does not move on its own."""
+    moving = {r.name for r in CATALOG.registers if r.volatile} | {"r12", "rip", "rflags", "rax",
+                                                                 "rcx", "rdx", "r13", "r14"}
+    return {k: v for k, v in d.items() if k not in moving}
+
+
+def test_put_of_every_exported_group_restores_it(counter_any) -> None:
+    m, v = counter_any
+    full = CATALOG.levels["FULL"] & v.transport.available_mask
+    saved = v.cache.export(full)
+    before = _stable(v.regs.dump())
+    r12 = v.regs.r12
+    v.regs.star = STAR
+    v.regs.dr0 = 0x1000
+    v.regs.xmm0 = 0x1234
+    v.regs.rbx = 0x55
+    run_to_tick(m, v)
+    assert v.regs.rbx == 0x1234 and v.regs.r13 == STAR and v.regs.r14 == 0x1000
+    for name in ("MP_STATE", "XSAVE", "XCRS", "DEBUGREGS", "REGS", "SREGS", "LAPIC", "MSRS",
+                 "MSRS_TIME", "EVENTS"):
+        if name in saved:
+            data = saved[name]
+            if name in ("REGS", "DEBUGREGS"):
+                data += b"\xff" * 16                      # extra bytes are dropped
+            v.cache.put(name, data)
+    v.cache.invalidate()
+    assert _stable(v.regs.dump()) == before
+    run_to_tick(m, v)
+    assert v.regs.r12 == r12 + 1 and v.regs.r13 == saved_star(saved) and v.regs.r14 == 0
+
+
+def saved_star(saved: dict) -> int:
+    entry = ctypes_sizeof_msr_entry()
+    data = saved["MSRS"]
+    for o in range(0, len(data), entry):
+        e = ks.kvm_msr_entry.from_buffer_copy(data[o:o + entry])
+        if e.index == 0xC0000081:
+            return e.data
+    raise AssertionError("STAR not exported")
+
+
+def ctypes_sizeof_msr_entry() -> int:
+    import ctypes
+    return ctypes.sizeof(ks.kvm_msr_entry)
+
+
+def test_short_put_data_is_padded_with_zeros(counter) -> None:
+    m, v = counter
+    v.regs.dr0 = 0x1000
+    v.flush()
+    data = v.cache.export(BIT["DEBUGREGS"])["DEBUGREGS"]
+    v.cache.put("DEBUGREGS", data[:8])                    # dr0 only: the rest becomes 0
+    v.cache.invalidate()
+    assert v.regs.dr0 == 0x1000 and v.regs.dr7 == 0 and v.regs.dr6 == 0
+
+
+def test_an_xmm_edit_reaches_the_guest(counter_any) -> None:
+    m, v = counter_any
+    v.regs.xmm0 = 0xABCD_0000_1234
+    run_to_tick(m, v)
+    assert v.regs.rbx == 0xABCD_0000_1234
+
+
+def _ioctl_delta(v, fn) -> dict:
+    io = v.handle.counters
+    before = dict(io)
+    fn()
+    return {k: io[k] - before.get(k, 0) for k in io if io[k] != before.get(k, 0)}
+
+
+def test_sregs_rides_kvm_run_unless_lapic_or_an_apic_base_edit_with_msrs_follows(counter) -> None:
+    """MUST_PRECEDE beside FLUSH_ORDER: SREGS by ioctl before LAPIC, and before MSRs when
+    apic_base is edited; otherwise it rides kvm_dirty_regs like REGS."""
+    m, v = counter
+
+    def edit(*names: str):
+        def go() -> None:
+            for n in names:
+                v.regs[n] = v.regs[n]
+            v.regs.star = STAR                            # the flush goes through store()
+            run_to_tick(m, v)
+        return go
+
+    assert "KVM_SET_SREGS" not in _ioctl_delta(v, edit("cr8"))
+    assert _ioctl_delta(v, edit("cr8", "lapic.tdcr")).get("KVM_SET_SREGS") == 1
+    assert _ioctl_delta(v, edit("apic_base")).get("KVM_SET_SREGS") == 1
+    assert "KVM_SET_REGS" not in _ioctl_delta(v, edit("r9", "lapic.tdcr"))
+    assert v.cache.dirty_registers() == []
+
+
+def test_cache_fetch_counts_match_the_kernels_get_ioctls(counter_any) -> None:
+    m, v = counter_any
+    get_of = {"REGS": "KVM_GET_REGS", "SREGS": "KVM_GET_SREGS", "EVENTS": "KVM_GET_VCPU_EVENTS",
+              "XSAVE": "KVM_GET_XSAVE2", "XCRS": "KVM_GET_XCRS", "DEBUGREGS": "KVM_GET_DEBUGREGS",
+              "LAPIC": "KVM_GET_LAPIC", "MP_STATE": "KVM_GET_MP_STATE", "MSRS": "KVM_GET_MSRS",
+              "MSRS_TIME": "KVM_GET_MSRS"}
+    stats0 = dict(v.stats["fetches"])
+
+    def work() -> None:
+        v.regs.dr7 = 0x400                                # DEBUGREGS not held: fetched first
+        v.regs.lapic_tdcr = 0xB                           # LAPIC: always fetched fresh
+        v.regs.star = STAR
+        v.regs["exception.injected"] = 0
+        run_to_tick(m, v)
+        v.regs.dump()
+    delta = _ioctl_delta(v, work)
+    fetched = {g: n - stats0.get(g, 0) for g, n in v.stats["fetches"].items()}
+    by_ioctl: dict[str, int] = {}
+    for g, n in fetched.items():
+        by_ioctl[get_of[g]] = by_ioctl.get(get_of[g], 0) + n
+    gets = {k: n for k, n in delta.items() if k.startswith("KVM_GET_") and k in get_of.values()}
+    assert {k: n for k, n in by_ioctl.items() if n} == gets
+
+
+def test_a_short_set_msrs_within_one_group_keeps_the_refused_msr_dirty(counter) -> None:
+    m, v = counter
+    v.regs.star = STAR
+    v.regs.lstar = 1 << 63                               # not canonical: KVM stops there
+    for _ in range(2):
+        with pytest.raises(RegisterWriteError):          # still dirty: refused again
+            v.run()
+    v.discard("MSRS")
+    run_to_tick(m, v)
+    assert v.regs.r13 == STAR
