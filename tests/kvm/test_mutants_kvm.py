@@ -16,6 +16,7 @@ from regsync.kvm import structs as ks
 
 STAR = 0x0023_0010_0000_0000
 TSC_ADJUST = 0x3B
+LVT_MASKED = 1 << 16
 BIT = {g.name: g.bit for g in CATALOG.groups}
 
 
@@ -573,3 +574,74 @@ def test_a_short_set_msrs_within_one_group_keeps_the_refused_msr_dirty(counter) 
     v.discard("MSRS")
     run_to_tick(m, v)
     assert v.regs.r13 == STAR
+
+
+# --- the transport: LAPIC edits act as the guest's write, and nothing more -----------------
+_LAPIC_MOVING = {"lapic.tmcct", "lapic.irr", "lapic.isr", "lapic.tmr", "lapic.ppr"}
+
+
+def _lapic(v) -> dict:
+    return {k: val for k, val in v.regs.dump(BIT["LAPIC"]).items() if k not in _LAPIC_MOVING}
+
+
+def test_a_tmict_edit_changes_tmict_and_nothing_else_in_the_page(counter) -> None:
+    m, v = counter
+    v.regs.lapic_tdcr = 0xB
+    v.regs.lapic_lvt_timer = LVT_MASKED | 0x40
+    v.flush()
+    before = _lapic(v)
+    v.regs.lapic_tmict = 0xF000_0000
+    v.flush()
+    after = _lapic(v)
+    assert after.pop("lapic.tmict") == 0xF000_0000
+    before.pop("lapic.tmict")
+    assert after == before
+    assert 0 < v.regs.lapic_tmcct <= 0xF000_0000
+
+
+
+def test_disabling_the_apic_masks_each_lvt_and_changes_nothing_else(counter) -> None:
+    m, v = counter
+    v.regs.lapic_svr = 0x1FF
+    v.regs.lapic_lvt_error = 0x33
+    v.flush()
+    before = _lapic(v)
+    v.regs.lapic_svr = 0xFF
+    v.regs.lapic_lvt_lint1 = 0x700                        # edited in the same flush: kept
+    v.flush()
+    after = _lapic(v)
+    assert after.pop("lapic.svr") == 0xFF and after.pop("lapic.lvt_lint1") == 0x700
+    for name in ("svr", "lvt_lint1"):
+        before.pop(f"lapic.{name}")
+    lvts = [k for k in before if k.startswith("lapic.lvt_")]
+    assert lvts and all(after[k] == before[k] | LVT_MASKED for k in lvts)
+    assert {k: x for k, x in after.items() if k not in lvts} == \
+        {k: x for k, x in before.items() if k not in lvts}
+    v.regs.lapic_svr = 0x1FF                              # enabling again masks nothing more
+    v.flush()
+    assert v.regs.lapic_lvt_lint1 == 0x700
+
+
+def test_ldr_and_dfr_are_refused_in_x2apic_mode_naming_them(counter) -> None:
+    m, v = counter
+    v.regs.lapic_ldr = 1 << 24                            # xAPIC: a plain load
+    v.flush()
+    assert v.regs.lapic_ldr == 1 << 24
+    v.regs.apic_base = v.regs.apic_base | (1 << 10)       # x2APIC
+    v.flush()
+    for names in (("lapic.ldr",), ("lapic.dfr",), ("lapic.dfr", "lapic.ldr")):
+        for n in names:
+            v.regs[n] = 1
+        v.cache.invalidate(BIT["SREGS"])                  # the mode is fetched to be checked
+        with pytest.raises(RegisterWriteError) as ei:
+            v.flush()
+        assert str(ei.value.cause) == (f"{' and '.join(names)}: read-only in x2APIC mode "
+                                       "(KVM derives LDR from the APIC ID)")
+        v.discard("LAPIC")
+
+
+def test_a_closed_vcpu_keeps_its_cached_values_readable(counter) -> None:
+    m, v = counter
+    r12, cr0 = v.regs.r12, v.regs.cr0
+    v.close()
+    assert v.regs.r12 == r12 and v.regs.cr0 == cr0
