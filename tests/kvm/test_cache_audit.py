@@ -16,19 +16,11 @@ from regsync import KvmError, Machine, RegisterWriteError
 from regsync.kvm import MsrError
 from regsync.cache import EditContradicted, WrongThreadError
 from regsync.guests import symbols
+from ticks import run_to_tick  # tests/kvm/ticks.py
 
 STAR = 0x0023_0010_0000_0000
 BAD_MSR = 0x1234_5678
 LVT_MASKED = 1 << 16
-
-
-def run_to_tick(m: Machine, v) -> None:
-    while True:
-        ex = v.run()
-        assert ex.kind == "io", ex
-        if ex.port == 0x501:
-            return
-        m.dispatch(v, ex)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import pytest
 
 from regsync import Machine, RegisterWriteError
 from regsync.guests import symbols
+from ticks import run_to_tick  # tests/kvm/ticks.py
 
 STAR = 0x0023_0010_0000_0000
 SET_IOCTLS = ("KVM_SET_REGS", "KVM_SET_SREGS", "KVM_SET_MSRS", "KVM_SET_LAPIC",
@@ -18,15 +19,6 @@ SET_IOCTLS = ("KVM_SET_REGS", "KVM_SET_SREGS", "KVM_SET_MSRS", "KVM_SET_LAPIC",
 def sets(v) -> int:
     io = v.stats["ioctls"]
     return sum(io.get(k, 0) for k in SET_IOCTLS)
-
-
-def run_to_tick(m: Machine, v) -> None:
-    while True:
-        ex = v.run()
-        assert ex.kind == "io", ex
-        if ex.port == 0x501:
-            return
-        m.dispatch(v, ex)
 
 
 LINT1_EDIT = 0x10400        # LVT LINT1: NMI delivery, masked (power-on value 0x10000)

@@ -13,20 +13,12 @@ from regsync import KvmError, Machine, RegisterWriteError
 from regsync.arch.x86_64 import CATALOG
 from regsync.kvm import MsrError
 from regsync.kvm import structs as ks
+from ticks import run_to_tick  # tests/kvm/ticks.py
 
 STAR = 0x0023_0010_0000_0000
 TSC_ADJUST = 0x3B
 LVT_MASKED = 1 << 16
 BIT = {g.name: g.bit for g in CATALOG.groups}
-
-
-def run_to_tick(m: Machine, v) -> None:
-    while True:
-        ex = v.run()
-        assert ex.kind == "io", ex
-        if ex.port == 0x501:
-            return
-        m.dispatch(v, ex)
 
 
 @pytest.fixture
@@ -597,7 +589,6 @@ def test_a_tmict_edit_changes_tmict_and_nothing_else_in_the_page(counter) -> Non
     before.pop("lapic.tmict")
     assert after == before
     assert 0 < v.regs.lapic_tmcct <= 0xF000_0000
-
 
 
 def test_disabling_the_apic_masks_each_lvt_and_changes_nothing_else(counter) -> None:

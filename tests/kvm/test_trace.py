@@ -10,18 +10,10 @@ import pytest
 
 from regsync import Machine
 from regsync.trace import SyncTrace, format_summary, load, summary, to_chrome, transfers
+from ticks import run_to_tick  # tests/kvm/ticks.py
 
 STAR = 0x0023_0010_0000_0000
 HERE = "tests/kvm/test_trace.py"
-
-
-def run_to_tick(m: Machine, v) -> None:
-    while True:
-        ex = v.run()
-        assert ex.kind == "io", ex
-        if ex.port == 0x501:
-            return
-        m.dispatch(v, ex)
 
 
 def line() -> int:
