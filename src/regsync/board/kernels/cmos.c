@@ -53,8 +53,5 @@ static u32 run(u32 cpus, u32 ram_mb)
 
 u32 kmain(u32 magic, struct mb_info *mb)
 {
-    serial_init();
-    if (magic != MULTIBOOT_BOOTLOADER_MAGIC)
-        return 1;
-    return run(cmdline_value(mb, "cpus", 1), cmdline_value(mb, "ram", 64));
+    return booted(magic) ? run(cmdline_value(mb, "cpus", 1), cmdline_value(mb, "ram", 64)) : 1;
 }

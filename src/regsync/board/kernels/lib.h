@@ -49,6 +49,14 @@ u32 cmdline_value(const struct mb_info *mb, const char *key, u32 dflt);
 #define CHECK(cond, ...) do { if (!(cond)) { printf("FAIL "); printf(__VA_ARGS__); printf("\n"); return 1; } } while (0)
 #define MULTIBOOT_BOOTLOADER_MAGIC 0x2BADB002
 
+/* The common start of a test kernel's kmain: the UART ready, and whether a
+   multiboot loader started us (EAX holds its magic). */
+static inline int booted(u32 magic)
+{
+    serial_init();
+    return magic == MULTIBOOT_BOOTLOADER_MAGIC;
+}
+
 #endif
 
 /* ACPI: the table with this signature through the RSDP (0xE0000-0xFFFFF) and the RSDT,

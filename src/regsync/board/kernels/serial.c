@@ -46,8 +46,5 @@ static u32 run(void)
 u32 kmain(u32 magic, struct mb_info *mb)
 {
     (void)mb;
-    serial_init();
-    if (magic != MULTIBOOT_BOOTLOADER_MAGIC)
-        return 1;
-    return run();
+    return booted(magic) ? run() : 1;
 }

@@ -77,8 +77,5 @@ static u32 run(u32 cpus)
 
 u32 kmain(u32 magic, struct mb_info *mb)
 {
-    serial_init();
-    if (magic != MULTIBOOT_BOOTLOADER_MAGIC)
-        return 1;
-    return run(cmdline_value(mb, "cpus", 1));
+    return booted(magic) ? run(cmdline_value(mb, "cpus", 1)) : 1;
 }
