@@ -212,24 +212,26 @@ def _xp(target: "MachineTarget", args: list[str]) -> str:
 _PAGING_OFF = "vCPU {} runs with paging off ({}): virtual addresses are physical\n"
 
 
-@monitor_command("info mem", usage="[VCPU]", max_args=1,
-                 help="mapped virtual ranges and their rights (u user, r, w write)")
-def _info_mem(target: "MachineTarget", args: list[str]) -> str:
-    v = _vcpu_arg(target, "info mem", args)
+def _page_view(target: "MachineTarget", cmd: str, args: list[str],
+               fmt: Callable[[Any], str]) -> str:
+    """info mem / info tlb: the vCPU's page tables walked, or why there are none."""
+    v = _vcpu_arg(target, cmd, args)
     paging = target.paging_of(v.id + 1)
     if paging.mode in ("real", "flat"):
         return _PAGING_OFF.format(v.id, paging.mode)
-    return format_mem(mappings(target.phys_reader(), paging))
+    return fmt(mappings(target.phys_reader(), paging))
+
+
+@monitor_command("info mem", usage="[VCPU]", max_args=1,
+                 help="mapped virtual ranges and their rights (u user, r, w write)")
+def _info_mem(target: "MachineTarget", args: list[str]) -> str:
+    return _page_view(target, "info mem", args, format_mem)
 
 
 @monitor_command("info tlb", usage="[VCPU]", max_args=1,
                  help="every present page: virtual -> physical, flags XGPDACTUW")
 def _info_tlb(target: "MachineTarget", args: list[str]) -> str:
-    v = _vcpu_arg(target, "info tlb", args)
-    paging = target.paging_of(v.id + 1)
-    if paging.mode in ("real", "flat"):
-        return _PAGING_OFF.format(v.id, paging.mode)
-    return format_tlb(mappings(target.phys_reader(), paging))
+    return _page_view(target, "info tlb", args, format_tlb)
 
 
 _LAPIC_VIEW = CATALOG.group_mask("LAPIC", "SREGS")
