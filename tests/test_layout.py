@@ -134,7 +134,6 @@ def test_probe_reaches_every_field() -> None:
     assert "offsetof kvm_run.io.port" in keys                          # anonymous union
     assert "offsetof kvm_xcrs.xcrs[15].value" in keys                  # array of structs
     assert "sizeof kvm_fpu.fpr[0]" in keys                              # array of arrays
-    assert set(s.LAYOUT_CHECKED) <= set(declared_structs())
 
 
 @pytest.mark.parametrize("struct, a, b", [("kvm_regs", "r9", "r10"),

@@ -2,7 +2,7 @@
 
 The request number is computed from (direction, type 0xAE, nr, size of the
 argument struct) exactly as the kernel's _IOC macros do; nothing is pasted in
-hex. tests/kvm/test_layout.py compares each computed number with the C macro.
+hex. tests/test_layout.py compares each computed number with the C macro.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """ctypes mirrors of the x86_64 KVM uAPI structs (<linux/kvm.h>, <asm/kvm.h>).
 
-Only what regsync uses is declared. tests/kvm/test_layout.py compiles a C probe
-against the installed headers and checks every size and offset listed in
-``LAYOUT_CHECKED`` at the bottom of this file, so a drift is caught there.
+Only what regsync uses is declared. tests/test_layout.py walks every struct here
+(fields, nested structs, unions, arrays), compiles a C probe against the installed
+headers and checks every size and offset, so a drift is caught there.
 """
 
 from __future__ import annotations
@@ -480,65 +480,5 @@ KVM_SYSTEM_EVENT_CRASH = 3
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
 
-# Every (C struct, field) the layout probe checks; a field of None means sizeof only.
-# Nested paths use dots (kvm_run.s.regs is the sync area).
-LAYOUT_CHECKED: dict[str, tuple[type, tuple[str, ...]]] = {
-    "kvm_regs": (kvm_regs, ("rax", "rsp", "rbp", "r8", "rip", "rflags")),
-    "kvm_segment": (kvm_segment, ("base", "limit", "selector", "type", "present", "dpl",
-                                  "db", "s", "l", "g", "avl", "unusable")),
-    "kvm_dtable": (kvm_dtable, ("base", "limit")),
-    "kvm_sregs": (kvm_sregs, ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt", "gdt", "idt",
-                              "cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base",
-                              "interrupt_bitmap")),
-    "kvm_sregs2": (kvm_sregs2, ("cs", "gdt", "idt", "cr0", "efer", "apic_base", "flags",
-                                "pdptrs")),
-    "kvm_fpu": (kvm_fpu, ("fpr", "fcw", "fsw", "ftwx", "last_opcode", "last_ip", "last_dp",
-                          "xmm", "mxcsr")),
-    "kvm_xsave": (kvm_xsave, ("region",)),
-    "kvm_xcr": (kvm_xcr, ("xcr", "value")),
-    "kvm_xcrs": (kvm_xcrs, ("nr_xcrs", "flags", "xcrs", "padding")),
-    "kvm_msr_entry": (kvm_msr_entry, ("index", "reserved", "data")),
-    "kvm_msrs": (kvm_msrs, ("nmsrs", "pad")),
-    "kvm_msr_list": (kvm_msr_list, ("nmsrs",)),
-    "kvm_debugregs": (kvm_debugregs, ("db", "dr6", "dr7", "flags")),
-    "kvm_vcpu_events": (kvm_vcpu_events, ("exception", "interrupt", "nmi", "sipi_vector",
-                                          "flags", "smi", "triple_fault",
-                                          "exception_has_payload", "exception_payload")),
-    "kvm_lapic_state": (kvm_lapic_state, ("regs",)),
-    "kvm_mp_state": (kvm_mp_state, ("mp_state",)),
-    "kvm_cpuid_entry2": (kvm_cpuid_entry2, ("function", "index", "flags", "eax", "ebx",
-                                            "ecx", "edx")),
-    "kvm_cpuid2": (kvm_cpuid2, ("nent", "padding")),
-    "kvm_guest_debug": (kvm_guest_debug, ("control", "arch")),
-    "kvm_guest_debug_arch": (kvm_guest_debug_arch, ("debugreg",)),
-    "kvm_debug_exit_arch": (kvm_debug_exit_arch, ("exception", "pc", "dr6", "dr7")),
-    "kvm_one_reg": (kvm_one_reg, ("id", "addr")),
-    "kvm_userspace_memory_region": (kvm_userspace_memory_region,
-                                    ("slot", "flags", "guest_phys_addr", "memory_size",
-                                     "userspace_addr")),
-    "kvm_pit_config": (kvm_pit_config, ("flags",)),
-    "kvm_irq_level": (kvm_irq_level, ("irq", "level")),
-    "kvm_irq_routing_entry": (kvm_irq_routing_entry, ("gsi", "type", "flags", "u")),
-    "kvm_irq_routing": (kvm_irq_routing, ("nr", "flags")),
-    "kvm_enable_cap": (kvm_enable_cap, ("cap", "flags", "args")),
-    "kvm_sync_regs": (kvm_sync_regs, ("regs", "sregs", "events")),
-    "kvm_run": (kvm_run, ("request_interrupt_window", "immediate_exit", "exit_reason",
-                          "ready_for_interrupt_injection", "if_flag", "flags", "cr8",
-                          "apic_base", "io", "mmio", "debug", "fail_entry", "internal",
-                          "system_event", "hw", "kvm_valid_regs", "kvm_dirty_regs", "s")),
-}
-
-# Exit payload fields, checked as offsets inside kvm_run (C: offsetof(struct kvm_run, io.port)).
-LAYOUT_RUN_PAYLOAD: tuple[str, ...] = (
-    "io.direction", "io.size", "io.port", "io.count", "io.data_offset",
-    "mmio.phys_addr", "mmio.data", "mmio.len", "mmio.is_write",
-    "debug.arch.exception", "debug.arch.pc", "debug.arch.dr6", "debug.arch.dr7",
-    "fail_entry.hardware_entry_failure_reason", "fail_entry.cpu",
-    "internal.suberror", "internal.ndata", "internal.data",
-    "system_event.type", "system_event.ndata", "system_event.data",
-    "s.regs.regs", "s.regs.sregs", "s.regs.events",
-)
-
 __all__ = [n for n in dir() if n.startswith(("kvm_", "KVM_"))] + [
-    "KvmStruct", "msrs_buffer", "msr_list_buffer", "cpuid_buffer", "signal_mask_buffer", "LAYOUT_CHECKED",
-    "LAYOUT_RUN_PAYLOAD"]
+    "KvmStruct", "msrs_buffer", "msr_list_buffer", "cpuid_buffer", "signal_mask_buffer"]

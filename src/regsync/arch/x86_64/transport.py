@@ -368,7 +368,6 @@ class KvmTransport:
         names = [n for n in FLUSH_ORDER if n in dirty]
         rides = self._rides(dirty) if allow_defer and self.use_sync_regs else set()
         written: list[tuple[str, bool]] = []
-        msr_items: list[tuple[int, int]] = []
         msr_regs: list[Register] = []
         msr_groups: list[str] = []
         for i, name in enumerate(names):
