@@ -85,31 +85,57 @@ def test_kick_signal_is_blocked_outside_kvm_run_and_no_handler_is_needed() -> No
 
 # --- item 10: Ctrl-C twice ----------------------------------------------------------------
 
+def _tail(text: str, n: int = 1500) -> str:
+    return text[-n:].strip() or "(empty)"
+
+
 def _double_sigint_once(i: int, gap: float, halt: Path) -> str | None:
-    """One `regsync run` interrupted twice, gap seconds apart; None if it exited 130 cleanly."""
+    """One `regsync run` interrupted twice, gap seconds apart; None if it exited 130
+    cleanly, else everything seen: gap, returncode, the run's timeline (seconds since
+    the spawn), and the tails of stderr and stdout. A hang is ended by SIGABRT so that
+    faulthandler (-X faulthandler) prints where every thread was."""
     if i % 4 == 1:                                          # (spinning costs a core: 1 in 4)
         args, threads = ["spin", "--smp", "1"], 3          # main + watchdog + 1 vCPU
     else:
         args, threads = [str(halt), "--smp", "2"], 4       # both vCPUs asleep in KVM_RUN
-    p = subprocess.Popen([sys.executable, "-m", "regsync.cli", "run", *args],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    label = f"{Path(args[0]).stem} --smp {args[2]}"
+    t0 = time.monotonic()
+    times: dict[str, float] = {}
+    p = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "regsync.cli", "run",
+                          *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    problem = ""
     try:
-        deadline = time.monotonic() + 30
         while len(os.listdir(f"/proc/{p.pid}/task")) < threads:
-            if p.poll() is not None or time.monotonic() > deadline:
-                return f"run {i}: never started its vCPU threads (returncode {p.poll()})"
+            if p.poll() is not None or time.monotonic() - t0 > 30:
+                problem = "never started its vCPU threads"
+                break
             time.sleep(0.005)
-        p.send_signal(signal.SIGINT)
-        time.sleep(gap)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=30)
+        if not problem:
+            times["threads seen"] = time.monotonic() - t0
+            p.send_signal(signal.SIGINT)
+            times["SIGINT 1"] = time.monotonic() - t0
+            time.sleep(gap)
+            p.send_signal(signal.SIGINT)
+            times["SIGINT 2"] = time.monotonic() - t0
+        out, err = p.communicate(timeout=30)
     except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
-        return f"run {i} (gap {gap * 1000:.1f} ms, {args[0]}): hung"
-    if p.returncode != 130 or "Traceback" in err or "Fatal Python error" in err:
-        return f"run {i} (gap {gap * 1000:.1f} ms, {args[0]}): returncode {p.returncode}: {err[-600:]}"
-    return None
+        problem = problem or "hung"
+        times["SIGABRT"] = time.monotonic() - t0
+        p.send_signal(signal.SIGABRT)                       # faulthandler: every thread's stack
+        try:
+            out, err = p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+    times["exited"] = time.monotonic() - t0
+    if not problem and (p.returncode != 130 or "Traceback" in err or "Fatal Python error" in err):
+        problem = "not a clean exit 130"
+    if not problem:
+        return None
+    timeline = ", ".join(f"{k} {v:.3f}" for k, v in times.items())
+    return (f"run {i} ({label}): {problem}: gap {gap * 1000:.1f} ms, "
+            f"returncode {p.returncode}, timeline [s]: {timeline}\n"
+            f"  stderr: {_tail(err)}\n  stdout: {_tail(out, 300)}")
 
 
 def test_cli_survives_200_double_sigints(tmp_path: Path) -> None:
@@ -123,7 +149,7 @@ def test_cli_survives_200_double_sigints(tmp_path: Path) -> None:
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = list(pool.map(lambda a: _double_sigint_once(a[0], a[1], halt), enumerate(gaps)))
     failures = [r for r in results if r is not None]
-    assert not failures, f"{len(failures)} of 200 runs failed:\n" + "\n".join(failures[:5])
+    assert not failures, f"{len(failures)} of 200 runs failed:\n" + "\n".join(failures[:10])
 
 
 def test_library_survives_double_sigints_wherever_they_land() -> None:
