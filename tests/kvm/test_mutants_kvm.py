@@ -636,3 +636,286 @@ def test_a_closed_vcpu_keeps_its_cached_values_readable(counter) -> None:
     r12, cr0 = v.regs.r12, v.regs.cr0
     v.close()
     assert v.regs.r12 == r12 and v.regs.cr0 == cr0
+
+
+# --- put: every group at once, in the kernel's order, whole ---------------------------------
+TSC, TSC_DEADLINE, SYSENTER_CS = 0x10, 0x6E0, 0x174
+
+
+def _msr_blob(entries: list[tuple[int, int]]) -> bytes:
+    return b"".join(bytes(ks.kvm_msr_entry(i, 0, d)) for i, d in entries)
+
+
+def _msr_entries(data: bytes) -> list[tuple[int, int, int]]:
+    import ctypes
+    n = ctypes.sizeof(ks.kvm_msr_entry)
+    return [(e.index, e.reserved, e.data) for e in
+            (ks.kvm_msr_entry.from_buffer_copy(data[o:o + n]) for o in range(0, len(data), n))]
+
+
+def test_put_of_msrs_in_any_order_writes_tsc_adjust_and_deadline_last_in_that_order(
+        counter, monkeypatch) -> None:
+    """put() docstring / FLUSH_ORDER: one KVM_SET_MSRS, TSC, TSC_ADJUST, TSC_DEADLINE last
+    (the deadline is relative to the TSC), whatever order the saved bytes hold."""
+    m, v = counter
+    saved = v.cache.export(BIT["MSRS"] | BIT["MSRS_TIME"])
+    value = {i: d for i, _, d in _msr_entries(saved["MSRS"] + saved["MSRS_TIME"])}
+    assert {TSC, TSC_ADJUST, SYSENTER_CS} <= set(value)
+    order = [i for i in (TSC_DEADLINE, TSC_ADJUST, TSC, SYSENTER_CS) if i in value]
+    calls: list[list[int]] = []
+    real = v.handle.set_msrs
+
+    def spy(items: list[tuple[int, int]]) -> None:
+        calls.append([i for i, _ in items])
+        real(items)
+
+    monkeypatch.setattr(v.handle, "set_msrs", spy)
+    v.cache.put("MSRS", _msr_blob([(i, value[i]) for i in order]))
+    assert calls == [[SYSENTER_CS] + [i for i in (TSC, TSC_ADJUST, TSC_DEADLINE) if i in value]]
+
+
+def test_put_without_defer_writes_each_group_now_and_counts_it_now(counter_any) -> None:
+    m, v = counter_any
+    full = CATALOG.levels["FULL"] & v.transport.available_mask
+    saved = v.cache.export(full)
+    for name, data in saved.items():
+        writes = v.stats["writes"].get(name, 0)
+        delta = _ioctl_delta(v, lambda: v.cache.put(name, data))
+        assert sum(n for k, n in delta.items() if k.startswith("KVM_SET_")) == 1, (name, delta)
+        assert v.stats["writes"][name] == writes + 1, name
+        assert v.cache.in_flight == 0 and v.handle.run_page.kvm_dirty_regs == 0, name
+    run_to_tick(m, v)
+
+
+def test_put_of_lapic_without_an_irqchip_is_refused_naming_why(tmp_path) -> None:
+    img = tmp_path / "hlt.bin"
+    img.write_bytes(b"\xf4")
+    with Machine(smp=1, irqchip=False) as m:
+        m.load(str(img))
+        v = m.vcpus[0]
+        with pytest.raises(KeyError) as ei:
+            v.cache.put("LAPIC", bytes(0x400))
+        assert str(ei.value) == "LAPIC: no in-kernel LAPIC (the machine was made with irqchip=False)"
+
+
+def test_short_xsave_data_is_padded_with_zeros(counter) -> None:
+    """The legacy area alone: the missing header reads as zeros, XSTATE_BV = 0, so the
+    SSE state is loaded in its init state (SDM XRSTOR: a clear XSTATE_BV bit)."""
+    m, v = counter
+    v.regs.xmm1 = 0x1111_2222_3333_4444_5555_6666_7777_8888
+    v.flush()
+    data = v.cache.export(BIT["XSAVE"])["XSAVE"]
+    v.cache.put("XSAVE", data[:512])
+    v.cache.invalidate()
+    assert v.regs.xmm1 == 0
+    v.cache.put("XSAVE", data)
+    v.cache.invalidate()
+    assert v.regs.xmm1 == 0x1111_2222_3333_4444_5555_6666_7777_8888
+
+
+def test_put_of_the_lapic_page_restores_it(counter) -> None:
+    m, v = counter
+    v.regs.lapic_tdcr = 0xB
+    v.flush()
+    saved = v.cache.export(BIT["LAPIC"])["LAPIC"]
+    v.regs.lapic_tdcr = 0x3
+    v.flush()
+    io = v.handle.counters
+    sets, xsave_sets = io["KVM_SET_LAPIC"], io.get("KVM_SET_XSAVE", 0)
+    v.cache.put("LAPIC", saved)
+    assert io["KVM_SET_LAPIC"] == sets + 1 and io.get("KVM_SET_XSAVE", 0) == xsave_sets
+    v.cache.invalidate()
+    assert v.regs.lapic_tdcr == 0xB
+
+
+def test_put_of_events_sets_nmi_pending_whatever_flags_the_saved_bytes_carry(counter) -> None:
+    """put() docstring: EVENTS is written with NMI_PENDING, SIPI_VECTOR and SHADOW valid,
+    so a restore puts nmi.pending back even from bytes whose flags field is 0."""
+    m, v = counter
+    v.regs["nmi.masked"] = v.regs["nmi.masked"]
+    v.cache.flush(allow_defer=False)                 # the local copy's flags: none valid
+    saved = bytearray(v.cache.export(BIT["EVENTS"])["EVENTS"])
+    flags_at = ks.kvm_vcpu_events.flags.offset
+    saved[flags_at:flags_at + 4] = bytes(4)
+    assert ks.kvm_vcpu_events.from_buffer_copy(saved).nmi.pending == 0
+    v.regs["nmi.pending"] = 1
+    v.flush()
+    v.cache.invalidate()
+    assert v.regs["nmi.pending"] == 1
+    v.cache.put("EVENTS", bytes(saved))
+    v.cache.invalidate()
+    assert v.regs["nmi.pending"] == 0
+
+
+def test_put_of_events_sets_the_interrupt_shadow_whatever_flags_the_saved_bytes_carry(
+        counter) -> None:
+    m, v = counter
+    saved = bytearray(v.cache.export(BIT["EVENTS"])["EVENTS"])
+    flags_at = ks.kvm_vcpu_events.flags.offset
+    saved[flags_at:flags_at + 4] = bytes(4)
+    assert ks.kvm_vcpu_events.from_buffer_copy(saved).interrupt.shadow == 0
+    v.regs["interrupt.shadow"] = 1                   # KVM_X86_SHADOW_INT_MOV_SS
+    v.flush()
+    v.cache.invalidate()
+    if v.regs["interrupt.shadow"] != 1:
+        pytest.skip("this host does not keep an interrupt shadow set by KVM_SET_VCPU_EVENTS")
+    v.cache.put("EVENTS", bytes(saved))
+    v.cache.invalidate()
+    assert v.regs["interrupt.shadow"] == 0
+
+
+def test_exported_msrs_are_kvm_msr_entries_as_the_kernel_gives_them(counter) -> None:
+    m, v = counter
+    data = v.cache.export(BIT["MSRS"])["MSRS"]
+    entries = _msr_entries(data)
+    indices = [i for i, _, _ in entries]
+    assert indices == v.transport.msr_batches["MSRS"]
+    assert all(reserved == 0 for _, reserved, _ in entries)
+    assert dict((i, d) for i, _, d in entries) == dict(zip(indices, v.handle.get_msrs(indices)))
+
+
+# --- queued writes: what kvm_dirty_regs carries, and what is taken back ---------------------
+SYNC_FLAG = {"REGS": ks.KVM_SYNC_X86_REGS, "SREGS": ks.KVM_SYNC_X86_SREGS,
+             "EVENTS": ks.KVM_SYNC_X86_EVENTS}
+
+
+@pytest.mark.parametrize("groups", [("REGS",), ("SREGS",), ("EVENTS",), ("REGS", "SREGS"),
+                                    ("SREGS", "EVENTS"), ("REGS", "SREGS", "EVENTS")])
+def test_kvm_dirty_regs_carries_exactly_the_edited_sync_groups(counter, groups) -> None:
+    """api.rst kvm_dirty_regs: each bit makes KVM_RUN load that group from the page, so
+    only groups with edits may be flagged (a stray bit loads a stale copy)."""
+    m, v = counter
+    one = {"REGS": "r9", "SREGS": "cr8", "EVENTS": "nmi.masked"}
+    v.regs.dump(BIT["REGS"] | BIT["SREGS"] | BIT["EVENTS"])    # all three held
+    for g in groups:
+        v.regs[one[g]] = v.regs[one[g]]
+    v.cache.flush()
+    assert v.handle.run_page.kvm_dirty_regs == sum(SYNC_FLAG[g] for g in groups)
+    run_to_tick(m, v)
+    assert v.cache.dirty_registers() == []
+
+
+def test_a_discarded_queued_edit_is_never_applied(counter) -> None:
+    m, v = counter
+    r12 = v.regs.r12
+    v.regs.r12 = 1000
+    v.cache.flush()                                  # queued in kvm_dirty_regs
+    v.discard("REGS")
+    assert v.handle.run_page.kvm_dirty_regs == 0
+    run_to_tick(m, v)
+    assert v.regs.r12 == r12 + 1
+
+
+def test_a_queued_write_rejoining_an_ioctl_flush_counts_as_one_plain_write(counter) -> None:
+    m, v = counter
+    writes = v.stats["writes"].get("REGS", 0)
+    deferred = v.stats["deferred_writes"].get("REGS", 0)
+    v.regs.r12 = 1000
+    v.cache.flush()                                  # queued
+    sets = v.handle.counters["KVM_SET_REGS"]
+    v.regs.dr0 = 0x1000
+    v.flush()                                        # DEBUGREGS by ioctl: REGS rejoins it
+    assert v.handle.counters["KVM_SET_REGS"] == sets + 1
+    run_to_tick(m, v)
+    assert v.regs.r12 == 1001 and v.regs.r14 == 0x1000
+    assert v.stats["writes"]["REGS"] == writes + 1
+    assert v.stats["deferred_writes"].get("REGS", 0) == deferred
+
+
+def test_a_fresh_vcpus_first_ioctl_write_is_counted_as_a_write() -> None:
+    with Machine(smp=1) as m:
+        m.load("counter")
+        v = m.vcpus[0]
+        writes = v.stats["writes"].get("REGS", 0)
+        deferred = v.stats["deferred_writes"].get("REGS", 0)
+        v.regs.r12 = 1000
+        v.flush()
+        assert v.handle.get_regs().r12 == 1000
+        assert v.cache.in_flight == 0 and v.stats["writes"]["REGS"] == writes + 1
+        run_to_tick(m, v)
+        assert v.stats["writes"]["REGS"] == writes + 1
+        assert v.stats["deferred_writes"].get("REGS", 0) == deferred
+
+
+def test_an_edit_after_close_is_refused_cleanly(counter) -> None:
+    """After close the kvm_run page is gone: nothing may be queued in it; a flush fails
+    with one error naming the group, by ioctl on the closed vCPU."""
+    m, v = counter
+    v.regs.r12
+    v.close()
+    assert not v.transport.use_sync_regs and v.transport.sync_mask == 0
+    v.regs.r12 = 5
+    with pytest.raises(RegisterWriteError) as ei:
+        v.cache.flush()
+    assert ei.value.group == "REGS" and ei.value.registers == ["r12"]
+    assert v.regs.r12 == 5
+
+
+# --- KVM_GET_MSRS stopping short --------------------------------------------------------------
+def test_an_msr_the_batch_read_refuses_reads_none_and_keeps_the_reason(counter, monkeypatch) -> None:
+    m, v = counter
+    real = v.handle.get_msrs
+
+    def short(indices: list[int]) -> list[int]:
+        if SYSENTER_CS in indices and len(indices) > 1:
+            n = indices.index(SYSENTER_CS)
+            raise MsrError("KVM_GET_MSRS", "vcpu 0", indices, n, read=real(indices[:n]))
+        return real(indices)
+
+    monkeypatch.setattr(v.handle, "get_msrs", short)
+    v.cache.invalidate()
+    d = v.regs.dump(BIT["MSRS"])
+    assert d["sysenter_cs"] is None and d["star"] is not None
+    assert "KVM would not read MSR 0x174" in v.transport.refused_msrs[SYSENTER_CS]
+
+
+# --- LAPIC: SVR masks the LVTs only when an edit disables an enabled APIC ------------------
+def test_an_svr_edit_that_keeps_the_apic_enabled_masks_nothing(counter) -> None:
+    m, v = counter
+    v.regs.lapic_svr = 0x1FF
+    v.regs.lapic_lvt_error = 0x33
+    v.flush()
+    before = _lapic(v)
+    v.regs.lapic_svr = 0x1FE                          # a new spurious vector, still enabled
+    v.flush()
+    after = _lapic(v)
+    assert after.pop("lapic.svr") == 0x1FE
+    before.pop("lapic.svr")
+    assert after == before and after["lapic.lvt_error"] == 0x33
+
+
+def test_an_edit_while_the_apic_is_disabled_masks_nothing_more(counter) -> None:
+    """Only a disabling SVR edit masks: not another edit while disabled, nor an SVR edit
+    from one disabled value to another."""
+    m, v = counter
+    v.regs.lapic_svr = 0xFF                          # disable: the LVTs are masked ...
+    v.regs.lapic_lvt_error = 0x33                    # ... but this one, edited with it
+    v.flush()
+    assert v.regs.lapic_lvt_error == 0x33
+    before = _lapic(v)
+    v.regs.lapic_tdcr = 0xB
+    v.flush()
+    assert v.regs.lapic_lvt_error == 0x33
+    v.regs.lapic_svr = 0xFE
+    v.flush()
+    after = _lapic(v)
+    assert after["lapic.lvt_error"] == 0x33
+    for k in ("lapic.svr", "lapic.tdcr"):
+        after.pop(k), before.pop(k)
+    assert after == before
+
+
+def test_ldr_is_refused_when_the_kernel_switched_to_x2apic_behind_the_cache() -> None:
+    """The x2APIC check reads the mode from the kernel when SREGS is not held."""
+    with Machine(smp=1, sync_regs=False) as m:
+        m.load("counter")
+        v = m.vcpus[0]
+        run_to_tick(m, v)
+        assert not v.regs.apic_base & (1 << 10)      # held, xAPIC
+        sregs = v.handle.get_sregs()
+        sregs.apic_base |= 1 << 10                   # x2APIC, not through the cache
+        v.handle.set_sregs(sregs)
+        v.cache.invalidate(BIT["SREGS"])
+        v.regs.lapic_ldr = 1 << 24
+        with pytest.raises(RegisterWriteError, match="read-only in x2APIC mode"):
+            v.flush()

@@ -412,3 +412,156 @@ def test_to_mask_takes_levels_and_groups_in_any_case_and_combines_them() -> None
     assert str(ei.value) == f"unknown level or group 'NOPE' (known: {known})"
     with pytest.raises(ValueError, match=r"^unknown level or group 1 "):
         to_mask([1])  # type: ignore[list-item]
+
+
+# --- x86_64 accessors: each catalog locator reads and writes its own bytes ------------------
+# The catalog's docstring defines the locators; this decodes them independently of
+# transport.py (struct offsets from ctypes, byte ranges from the locator) and checks the
+# accessors built at import time against it. No /dev/kvm: the locals are plain buffers.
+import ctypes  # noqa: E402
+
+from regsync.arch.x86_64 import CATALOG as X86  # noqa: E402
+from regsync.arch.x86_64 import LAPIC_EDITS, Registers  # noqa: E402
+from regsync.arch.x86_64.transport import accessors, write_refusals  # noqa: E402
+from regsync.kvm import structs as ks  # noqa: E402
+
+_SEG_LAYOUT = (("type", 0, 4), ("s", 4, 1), ("dpl", 5, 2), ("present", 7, 1), ("avl", 12, 1),
+               ("l", 13, 1), ("db", 14, 1), ("g", 15, 1), ("unusable", 16, 1))  # VMX AR
+_KSEG = {"ldt": "ldt"}
+_BACKGROUND = 0xEE
+
+
+def _x86_locals() -> dict[str, Any]:
+    return {"REGS": ks.kvm_regs(), "SREGS": ks.kvm_sregs(), "EVENTS": ks.kvm_vcpu_events(),
+            "XSAVE": bytearray([_BACKGROUND]) * 4096, "XCRS": ks.kvm_xcrs(),
+            "DEBUGREGS": ks.kvm_debugregs(), "LAPIC": bytearray([_BACKGROUND]) * 0x400,
+            "MP_STATE": ks.kvm_mp_state(), "MSRS": {}, "MSRS_TIME": {}}
+
+
+def _field_bytes(obj: Any, path: str) -> int:
+    """The little-endian integer at a (dotted) ctypes field, located by its offset."""
+    base, cls = 0, type(obj)
+    for part in path.split("."):
+        f = getattr(cls, part)
+        base += f.offset
+        cls = dict(cls._fields_)[part]
+    raw = (ctypes.c_char * ctypes.sizeof(obj)).from_address(ctypes.addressof(obj)).raw
+    return int.from_bytes(raw[base:base + f.size], "little")
+
+
+def _raw(reg: Register, local: Any) -> int:
+    """The register's value decoded from its locator, as the catalog docstring states it."""
+    kind, _, rest = reg.field.partition(":")
+    if kind == "seg":
+        seg, f = rest.split(":")
+        return _field_bytes(local, f"{seg}.{f}")
+    if kind == "segattr":
+        return sum(_field_bytes(local, f"{rest}.{f}") << sh for f, sh, _ in _SEG_LAYOUT)
+    if kind == "dt":
+        t, f = rest.split(":")
+        return _field_bytes(local, f"{t}.{f}")
+    if kind == "ev":
+        return _field_bytes(local, rest)
+    if kind == "xsave":
+        off = int(rest)
+        return int.from_bytes(local[off:off + (reg.width + 7) // 8], "little")
+    if kind == "xcr":
+        hits = [local.xcrs[i].value for i in range(local.nr_xcrs) if local.xcrs[i].xcr == int(rest)]
+        assert len(hits) <= 1
+        return hits[0] if hits else 0
+    if kind == "db":
+        return local.db[int(rest)]
+    if kind == "lapic":
+        off = int(rest, 16)
+        words = reg.width // 32
+        return sum(int.from_bytes(local[off + 0x10 * i:off + 0x10 * i + 4], "little") << (32 * i)
+                   for i in range(words))
+    if kind == "msr":
+        return local[int(rest, 16)]
+    return _field_bytes(local, kind)                 # a plain field: rax, cr0, dr7, mp_state
+
+
+def _value_for(reg: Register, seed: int) -> int:
+    """A value that fills the register's width with a pattern unique to seed."""
+    if reg.field.startswith("segattr:"):
+        v = 0
+        for i, (_, sh, w) in enumerate(_SEG_LAYOUT):
+            v |= ((seed + i) % (1 << w) or 1) << sh
+        return v
+    pattern = int.from_bytes(bytes((seed * 37 + 11 + 13 * i) & 0xFF | 1 for i in range(64)),
+                             "little")
+    return (pattern & reg.mask) | (1 << (reg.width - 1))
+
+
+def test_every_x86_accessor_reads_and_writes_exactly_its_locator() -> None:
+    """Written in catalog order, every register of a group reads back its own value, sits
+    where its locator says, and no write moves a byte outside it (the locals keep their
+    size; the bytes between the 0x10-strided LAPIC words keep their background)."""
+    locals_ = _x86_locals()
+    values: dict[Register, int] = {}
+    for seed, reg in enumerate(X86.registers):
+        get, set_ = accessors(reg)
+        local = locals_[reg.group]
+        values[reg] = _value_for(reg, seed)
+        set_(local, values[reg])
+        assert get(local) == values[reg], reg.name
+    for reg, value in values.items():
+        get, _ = accessors(reg)
+        local = locals_[reg.group]
+        assert (get(local), _raw(reg, local)) == (value, value), reg.name
+    assert len(locals_["XSAVE"]) == 4096 and len(locals_["LAPIC"]) == 0x400
+    page = locals_["LAPIC"]
+    used = set()
+    for reg in X86.registers_of("LAPIC"):
+        off = int(reg.field[6:], 16)
+        for i in range(reg.width // 32):
+            used |= set(range(off + 0x10 * i, off + 0x10 * i + 4))
+    assert all(page[b] == _BACKGROUND for b in range(0x400) if b not in used)
+    assert locals_["XCRS"].nr_xcrs == 1
+
+
+def test_segment_attributes_pack_as_vmx_access_rights_and_drop_bits_8_to_11() -> None:
+    reg = X86.by_name["cs.attr"]
+    get, set_ = accessors(reg)
+    sregs = ks.kvm_sregs()
+    set_(sregs, 0x1FFFF)
+    assert get(sregs) == 0x1F0FF
+    assert [getattr(sregs.cs, f) for f, _, _ in _SEG_LAYOUT] == [0xF, 1, 3, 1, 1, 1, 1, 1, 1]
+    set_(sregs, 0)
+    assert get(sregs) == 0 and [getattr(sregs.cs, f) for f, _, _ in _SEG_LAYOUT] == [0] * 9
+    for f, sh, w in _SEG_LAYOUT:                     # each field alone, at its own bits
+        set_(sregs, 1 << sh)
+        assert getattr(sregs.cs, f) == 1 and get(sregs) == 1 << sh, f
+    sregs.cs.type, sregs.cs.s, sregs.cs.present, sregs.cs.l, sregs.cs.g = 0xB, 1, 1, 1, 1
+    sregs.cs.dpl, sregs.cs.avl, sregs.cs.db, sregs.cs.unusable = 0, 0, 0, 0
+    assert get(sregs) == 0xA09B                       # a 64-bit code segment
+
+
+def test_xcr_accessors_find_the_entry_by_number_and_append_a_missing_one() -> None:
+    get, set_ = accessors(X86.by_name["xcr0"])
+    xcrs = ks.kvm_xcrs()
+    assert get(xcrs) == 0                             # absent: reads 0
+    xcrs.nr_xcrs = 2
+    xcrs.xcrs[0].xcr, xcrs.xcrs[0].value = 1, 0x55    # XCR1 first, XCR0 second
+    xcrs.xcrs[1].xcr, xcrs.xcrs[1].value = 0, 0x7
+    assert get(xcrs) == 0x7
+    set_(xcrs, 0xE7)
+    assert xcrs.nr_xcrs == 2 and (xcrs.xcrs[0].value, xcrs.xcrs[1].value) == (0x55, 0xE7)
+    fresh = ks.kvm_xcrs()
+    set_(fresh, 0x3)
+    set_(fresh, 0x7)                                  # the second write finds the first
+    assert fresh.nr_xcrs == 1 and (fresh.xcrs[0].xcr, fresh.xcrs[0].value) == (0, 0x7)
+    assert get(fresh) == 0x7
+
+
+def test_exactly_the_lapic_registers_the_edit_table_refuses_are_refused_saying_why() -> None:
+    refused = {r.name: why for r, why in write_refusals(X86).items()}
+    expected = {f"lapic.{n}" for n, (how, _) in LAPIC_EDITS.items() if how == "refuse"}
+    assert set(refused) == expected and "lapic.icr" in expected
+    for name in expected:
+        assert refused[name] == f"{name} cannot be edited: {LAPIC_EDITS[name[6:]][1]}"
+    regs = Registers(None)                            # refused before the cache is asked
+    for name in expected:
+        with pytest.raises(ValueError) as ei:
+            regs[name] = 0
+        assert str(ei.value) == refused[name]

@@ -509,6 +509,11 @@ class KvmTransport:
                 self._locals[name] = cls.from_buffer_copy(self._locals[name])
             self.use_sync_regs = False
             self.sync_mask = self.fast_defer_mask = 0
+        # cancel_deferred() and defer() write kvm_dirty_regs: after the unmap that is
+        # a private page (a flush after close fails by ioctl, it must not crash).
+        self.run = s.kvm_run()
+        self._page = memoryview((ctypes.c_uint8 * ctypes.sizeof(s.kvm_run)).from_address(
+            ctypes.addressof(self.run))).cast("B")
         return self._locals
 
     def cancel_deferred(self) -> int:
