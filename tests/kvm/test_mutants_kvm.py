@@ -919,3 +919,51 @@ def test_ldr_is_refused_when_the_kernel_switched_to_x2apic_behind_the_cache() ->
         v.regs.lapic_ldr = 1 << 24
         with pytest.raises(RegisterWriteError, match="read-only in x2APIC mode"):
             v.flush()
+
+
+# --- a run that returns before applying kvm_dirty_regs (an AP waiting for INIT/SIPI) -------
+def test_an_edit_queued_on_an_ap_waiting_for_sipi_outlives_the_run_that_did_not_apply_it() -> None:
+    """x86.c kvm_arch_vcpu_ioctl_run: a vCPU in KVM_MP_STATE_UNINITIALIZED blocks, then
+    returns (-EINTR on a signal) before sync_regs(), leaving the kvm_dirty_regs bits set
+    and storing its own registers over the page. The queued edit stays dirty, reads back,
+    and reaches the kernel at the next flush."""
+    import signal
+    import threading
+
+    kick = {signal.SIGUSR1}
+    with Machine(smp=2) as m:
+        m.load("counter")
+        ap = m.vcpus[1]
+        if ap.regs.mp_state != ks.KVM_MP_STATE_UNINITIALIZED:
+            pytest.skip(f"the AP starts in mp_state {ap.regs.mp_state}, not waiting for INIT")
+        seen: dict = {}
+
+        def on_its_own_thread() -> None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, kick)       # as a vCPU thread does
+            ap.handle.set_signal_mask(signal.pthread_sigmask(signal.SIG_BLOCK, ()) - kick)
+            try:
+                ap.regs.r12 = 1000
+                ap.cache.flush()                                 # queued in kvm_dirty_regs
+                seen["queued"] = ap.handle.run_page.kvm_dirty_regs
+                signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)   # pending
+                seen["exit"] = ap.run().kind                     # returns at once: EINTR
+                seen["left"] = ap.handle.run_page.kvm_dirty_regs
+                signal.sigtimedwait(kick, 0)
+                seen["dirty"] = ap.cache.dirty_registers()
+                seen["r12"] = ap.regs.r12
+                seen["kernel_before"] = ap.handle.get_regs().r12
+                ap.flush()
+                seen["kernel_after"] = ap.handle.get_regs().r12
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                seen["error"] = e
+            finally:
+                ap.handle.set_signal_mask(None)
+
+        t = threading.Thread(target=on_its_own_thread)
+        t.start()
+        t.join()
+        assert "error" not in seen, seen.get("error")
+        assert seen["queued"] == ks.KVM_SYNC_X86_REGS and seen["exit"] == "interrupted"
+        assert seen["left"] == 0                                 # taken back, not re-queued
+        assert seen["dirty"] == ["r12"] and seen["r12"] == 1000
+        assert seen["kernel_before"] != 1000 and seen["kernel_after"] == 1000
