@@ -967,3 +967,55 @@ def test_an_edit_queued_on_an_ap_waiting_for_sipi_outlives_the_run_that_did_not_
         assert seen["left"] == 0                                 # taken back, not re-queued
         assert seen["dirty"] == ["r12"] and seen["r12"] == 1000
         assert seen["kernel_before"] != 1000 and seen["kernel_after"] == 1000
+
+
+# --- XSAVE: XSTATE_BV names every component with a non-zero edit, and keeps the others ------
+def test_an_sse_edit_keeps_an_avx_component_edited_before(counter) -> None:
+    m, v = counter
+    v.regs.ymm0h = 0xAAAA_BBBB_CCCC_DDDD
+    try:
+        v.flush()
+    except RegisterWriteError as e:
+        pytest.skip(f"this vCPU has no AVX state: {e}")
+    v.cache.invalidate()
+    assert v.regs.ymm0h == 0xAAAA_BBBB_CCCC_DDDD     # XSTATE_BV.AVX set by the edit
+    v.regs.xmm1 = 0x1234
+    v.flush()                                         # XSTATE_BV rewritten: AVX kept
+    v.cache.invalidate()
+    assert (v.regs.ymm0h, v.regs.xmm1) == (0xAAAA_BBBB_CCCC_DDDD, 0x1234)
+    run_to_tick(m, v)
+    assert v.regs.ymm0h == 0xAAAA_BBBB_CCCC_DDDD
+
+
+# --- a refused KVM_SET_MSRS for another reason names both MSR groups ------------------------
+def test_a_failed_msr_write_names_both_msr_groups_and_each_register(counter) -> None:
+    m, v = counter
+    v.regs.star, v.regs.tsc_adjust = v.regs.star, v.regs.tsc_adjust
+    v.close()                                         # KVM_SET_MSRS: EBADF, not a short count
+    with pytest.raises(RegisterWriteError) as ei:
+        v.cache.flush()
+    assert ei.value.group == "MSRS+MSRS_TIME" and ei.value.registers == ["star", "tsc_adjust"]
+
+
+# --- riding kvm_run: each sync group decided on its own ------------------------------------
+def test_each_sync_group_rides_unless_its_own_rule_says_no(counter) -> None:
+    m, v = counter
+
+    def sets(*edits: str) -> set[str]:
+        def go() -> None:
+            for n in edits:
+                v.regs[n] = v.regs[n]
+            v.cache.flush()
+        delta = _ioctl_delta(v, go)
+        run_to_tick(m, v)
+        assert v.cache.dirty_registers() == []
+        return {k for k in delta if k.startswith("KVM_SET_")}
+
+    # SREGS waits for LAPIC (by ioctl): EVENTS after it still rides
+    assert sets("cr8", "lapic.tdcr", "nmi.masked") == {"KVM_SET_SREGS", "KVM_SET_LAPIC"}
+    # no REGS edit: SREGS and EVENTS ride all the same
+    assert sets("cr8", "nmi.masked", "dr7") == {"KVM_SET_DEBUGREGS"}
+    # apic_base with only MSRS_TIME edited: SREGS by ioctl before the MSR write
+    assert sets("apic_base", "tsc_adjust") == {"KVM_SET_SREGS", "KVM_SET_MSRS"}
+    # apic_base with no MSR edit: rides
+    assert sets("apic_base", "nmi.masked") == set()
