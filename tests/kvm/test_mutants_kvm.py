@@ -684,6 +684,7 @@ def test_put_without_defer_writes_each_group_now_and_counts_it_now(counter_any) 
         assert sum(n for k, n in delta.items() if k.startswith("KVM_SET_")) == 1, (name, delta)
         assert v.stats["writes"][name] == writes + 1, name
         assert v.cache.in_flight == 0 and v.handle.run_page.kvm_dirty_regs == 0, name
+        assert _ioctl_delta(v, v.flush) == {}, name   # clean afterwards: nothing to write
     run_to_tick(m, v)
 
 
@@ -1019,3 +1020,28 @@ def test_each_sync_group_rides_unless_its_own_rule_says_no(counter) -> None:
     assert sets("apic_base", "tsc_adjust") == {"KVM_SET_SREGS", "KVM_SET_MSRS"}
     # apic_base with no MSR edit: rides
     assert sets("apic_base", "nmi.masked") == set()
+
+
+def test_a_short_set_msrs_that_wrote_all_of_msrs_leaves_nothing_to_flush(counter, monkeypatch) -> None:
+    """KVM wrote STAR and stopped at TSC_ADJUST: once tsc_adjust is discarded the vCPU is
+    clean, and a flush costs no syscall (rule 7)."""
+    m, v = counter
+    real = v.handle.set_msrs
+
+    def short(items: list[tuple[int, int]]) -> None:
+        indices = [i for i, _ in items]
+        n = indices.index(TSC_ADJUST)
+        real(items[:n])
+        raise MsrError("KVM_SET_MSRS", "vcpu 0", indices, n, value=items[n][1])
+
+    monkeypatch.setattr(v.handle, "set_msrs", short)
+    v.regs.star = STAR
+    v.regs.tsc_adjust = 0
+    with pytest.raises(RegisterWriteError):
+        v.flush()
+    monkeypatch.setattr(v.handle, "set_msrs", real)
+    assert v.cache.dirty_registers() == ["tsc_adjust"]
+    v.discard("MSRS_TIME")
+    assert v.cache.dirty_registers() == [] and _ioctl_delta(v, v.flush) == {}
+    run_to_tick(m, v)
+    assert v.regs.r13 == STAR
