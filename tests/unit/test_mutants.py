@@ -79,6 +79,16 @@ def test_writes_avoided_counts_the_groups_fetched_since_the_run() -> None:
     assert v.cache.stats.writes_avoided == 1
 
 
+def test_each_run_that_applies_a_queued_write_counts_one_deferred_write() -> None:
+    """Stats read only at the end: every run that applied the queued GPRS counts."""
+    v = SimVcpu(use_sync=True)
+    for value in (5, 6, 7):
+        v.regs.r1 = value
+        v.run()
+    st = assert_stats_match_the_kernel(v)
+    assert st.deferred_writes["GPRS"] == 3 and v.kernel.values["r1"] == 7
+
+
 def test_a_queued_write_rejoining_an_ioctl_flush_is_not_counted_twice() -> None:
     v = SimVcpu(use_sync=True)
     v.regs.r1 = 5
