@@ -892,25 +892,53 @@ def test_an_svr_edit_that_keeps_the_apic_enabled_masks_nothing(counter) -> None:
     assert after == before and after["lapic.lvt_error"] == 0x33
 
 
-def test_an_edit_while_the_apic_is_disabled_masks_nothing_more(counter) -> None:
-    """Only a disabling SVR edit masks: not another edit while disabled, nor an SVR edit
-    from one disabled value to another."""
+def _restore_disabled_apic_with_lvt_error_unmasked(v) -> None:
+    """A state only a restore makes (a guest cannot unmask an LVT while its APIC is
+    software-disabled): SVR disabled, LVT error unmasked, put back whole."""
+    page = bytearray(v.cache.export(BIT["LAPIC"])["LAPIC"])
+    page[0xF0:0xF4] = (0xFF).to_bytes(4, "little")
+    page[0x370:0x374] = (0x33).to_bytes(4, "little")
+    v.cache.put("LAPIC", bytes(page))
+    v.cache.invalidate()
+    assert (v.regs.lapic_svr, v.regs.lapic_lvt_error) == (0xFF, 0x33)
+
+
+def test_an_edit_other_than_svr_while_the_apic_is_disabled_masks_nothing(counter) -> None:
+    """A guest's TDCR write touches no LVT, whatever the APIC's state."""
     m, v = counter
-    v.regs.lapic_svr = 0xFF                          # disable: the LVTs are masked ...
-    v.regs.lapic_lvt_error = 0x33                    # ... but this one, edited with it
-    v.flush()
-    assert v.regs.lapic_lvt_error == 0x33
+    _restore_disabled_apic_with_lvt_error_unmasked(v)
     before = _lapic(v)
     v.regs.lapic_tdcr = 0xB
     v.flush()
-    assert v.regs.lapic_lvt_error == 0x33
-    v.regs.lapic_svr = 0xFE
-    v.flush()
     after = _lapic(v)
-    assert after["lapic.lvt_error"] == 0x33
-    for k in ("lapic.svr", "lapic.tdcr"):
-        after.pop(k), before.pop(k)
-    assert after == before
+    assert after.pop("lapic.tdcr") == 0xB
+    before.pop("lapic.tdcr")
+    assert after == before and after["lapic.lvt_error"] == 0x33
+
+
+@pytest.mark.xfail(strict=True, reason="found by mutation testing, not fixed: _store_lapic masks "
+                   "the LVTs only when the edit disables an enabled APIC; kvm_lapic_reg_write "
+                   "(arch/x86/kvm/lapic.c, case APIC_SPIV) masks every LVT whenever the written "
+                   "SVR has the enable bit clear")
+def test_an_svr_edit_that_leaves_the_apic_disabled_masks_every_lvt(counter) -> None:
+    m, v = counter
+    _restore_disabled_apic_with_lvt_error_unmasked(v)
+    v.regs.lapic_svr = 0xFE                           # still disabled: a guest write masks
+    v.flush()
+    assert v.regs.lapic_lvt_error == 0x33 | LVT_MASKED
+
+
+@pytest.mark.xfail(strict=True, reason="found by mutation testing, not fixed: LAPIC_EDITS loads an "
+                   "LVT edit as is; kvm_lapic_reg_write (arch/x86/kvm/lapic.c, cases APIC_LVTT "
+                   "and APIC_LVT0..APIC_LVTERR) sets APIC_LVT_MASKED on a write while the APIC is "
+                   "software-disabled")
+def test_an_lvt_edit_while_the_apic_is_disabled_is_loaded_masked(counter) -> None:
+    m, v = counter
+    v.regs.lapic_svr = 0xFF                           # disable: every LVT masked
+    v.flush()
+    v.regs.lapic_lvt_error = 0x33                     # a guest write now stays masked
+    v.flush()
+    assert v.regs.lapic_lvt_error == 0x33 | LVT_MASKED
 
 
 def test_ldr_is_refused_when_the_kernel_switched_to_x2apic_behind_the_cache() -> None:
