@@ -149,6 +149,15 @@ class Contradiction:
                 "cause": self.cause}
 
 
+def _submasks(mask: int) -> list[int]:
+    """Every non-empty mask made of bits of ``mask``."""
+    out, m = [], mask
+    while m:
+        out.append(m)
+        m = (m - 1) & mask
+    return out
+
+
 class RegisterCache:
     """Per-vCPU cache over a transport. See the module docstring for the rules."""
 
@@ -171,7 +180,12 @@ class RegisterCache:
         # The dirty dicts keep their identity (cleared, never replaced), so they can
         # also be reached by group bit on the hot path.
         self._dirty_of_bit = {g.bit: self.dirty[g.name] for g in self.groups}
-        self._deferred_tally: dict[int, int] = {}
+        # Writes KVM applied from kvm_dirty_regs, counted by mask of groups and folded
+        # into stats when read. Every combination of the groups that can ride (sync
+        # groups) is a key from the start: the hot path's count is then a plain dict
+        # increment (an exact dict: CPython specializes it, not a defaultdict).
+        riders = sum(g.bit for g in self.groups if g.sync)
+        self._deferred_tally: dict[int, int] = {m: 0 for m in _submasks(riders)}
         self.exits = 0                     # KVM_RUN returns seen (stats.exits)
         # Strategies that override write() opt out of regfile's inlined write.
         self.plain_writes = type(self).write is RegisterCache.write
@@ -190,12 +204,13 @@ class RegisterCache:
     def stats(self) -> CacheStats:
         """The counters, with the writes KVM applied from kvm_dirty_regs folded in."""
         self._stats.exits = self.exits
-        if self._deferred_tally:
-            for mask, n in self._deferred_tally.items():
+        tally = self._deferred_tally
+        for mask, n in tally.items():
+            if n:
                 for g in self.catalog.groups_in(mask):
                     self._stats.writes[g.name] += n
                     self._stats.deferred_writes[g.name] += n
-            self._deferred_tally.clear()
+                tally[mask] = 0
         return self._stats
 
     # --- accessors ----------------------------------------------------------------
@@ -417,8 +432,7 @@ class RegisterCache:
             if done:
                 # KVM applied the queued writes at entry: they are in the kernel now.
                 # (Tallied by mask here, per group in stats: a dict op per exit, not three.)
-                tally = self._deferred_tally
-                tally[done] = tally.get(done, 0) + 1
+                self._deferred_tally[done] += 1
                 one = self._dirty_of_bit.get(done)      # the usual case: one group (REGS)
                 if one is not None:
                     one.clear()

@@ -156,14 +156,14 @@ _HLT, _SHUTDOWN = HltExit(), ShutdownExit()
 INTERRUPTED = InterruptedExit()
 
 
-_IO_AT = s.kvm_run.io.offset
-_IO = struct.Struct("<BBHIQ")          # direction, size, port, count, data_offset
+IO_AT = s.kvm_run.io.offset
+IO_FIELDS = struct.Struct("<BBHIQ")    # direction, size, port, count, data_offset
 _new_tuple = tuple.__new__
 
 
 def decode_io(run_addr: int, view: memoryview) -> IoExit:
     """The typed exit of a KVM_EXIT_IO (the caller checked the reason): the hot path."""
-    d, size, port, count, off = _IO.unpack_from(view, _IO_AT)
+    d, size, port, count, off = IO_FIELDS.unpack_from(view, IO_AT)
     return _new_tuple(IoExit, (port, _IN_OUT[d], size, count, run_addr + off))
 
 
@@ -172,7 +172,7 @@ def decode(run: s.kvm_run, run_addr: int, view: memoryview | None = None) -> Exi
     reason = run.exit_reason
     if reason == s.KVM_EXIT_IO:
         if view is not None:
-            d, size, port, count, off = _IO.unpack_from(view, _IO_AT)
+            d, size, port, count, off = IO_FIELDS.unpack_from(view, IO_AT)
         else:
             io = run.io
             d, size, port, count, off = io.direction, io.size, io.port, io.count, io.data_offset

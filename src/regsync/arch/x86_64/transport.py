@@ -208,11 +208,22 @@ def _attr_set(path: str) -> Setter:
     return set_
 
 
+# The struct of each group's local copy that has plain fields (see accessors()).
+_PLAIN_FIELD_STRUCT: dict[str, type[ctypes.Structure]] = {
+    "REGS": s.kvm_regs, "SREGS": s.kvm_sregs, "DEBUGREGS": s.kvm_debugregs,
+    "MP_STATE": s.kvm_mp_state}
+
+
 @functools.lru_cache(maxsize=None)
 def accessors(reg: Register) -> tuple[Getter, Setter]:
     """(get, set) on the group's local copy for one catalog register (built once)."""
     kind, _, rest = reg.field.partition(":")
     if not rest:                                   # plain struct field: rax, cr0, dr7, mp_state
+        field = getattr(_PLAIN_FIELD_STRUCT.get(reg.group), kind, None)
+        if field is not None:
+            # The ctypes field descriptor's own __set__: C, no Python frame (the hot
+            # path's edit, regs.rax = ...). The local copy is always of this type.
+            return operator.attrgetter(kind), field.__set__
         return operator.attrgetter(kind), _attr_set(kind)
     if kind == "seg":
         seg, f = rest.split(":")
