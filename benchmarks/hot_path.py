@@ -70,7 +70,19 @@ def _serve(m: Machine, n: int) -> None:
     def hypercall(ex: Any) -> None:
         regs.rax = regs.rdi + regs.rsi
 
-    v.serve({HYPERCALL_PORT: hypercall}, n)
+    if v.serve({HYPERCALL_PORT: hypercall}, n) is not None:
+        raise RuntimeError("serve: the guest left its loop")
+
+
+def _serve_uses(m: Machine, n: int) -> None:
+    from regsync.serving import uses
+
+    @uses("rdi", "rsi", writes="rax")
+    def hypercall(ex: Any, rdi: int, rsi: int) -> int:
+        return rdi + rsi
+
+    if m.vcpus[0].serve({HYPERCALL_PORT: hypercall}, n) is not None:
+        raise RuntimeError("serve: the guest left its loop")
 
 
 def measure(exits: int) -> dict[str, dict[str, float]]:
@@ -80,6 +92,7 @@ def measure(exits: int) -> dict[str, dict[str, float]]:
     with Machine(smp=1) as probe:
         if hasattr(probe.vcpus[0], "serve"):
             variants["serve"] = _serve
+            variants["serve @uses"] = _serve_uses
     out: dict[str, dict[str, float]] = {}
     for name, fn in variants.items():
         if name == "raw":

@@ -11,9 +11,9 @@ from __future__ import annotations
 import ctypes
 import errno
 from threading import get_ident
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
-from . import exits
+from . import exits, serving
 from .arch.x86_64 import CATALOG, KvmTransport, Registers
 from .cache import RegisterCache
 from .kvm import KvmError
@@ -28,6 +28,10 @@ _DIRTY_REGS_AT = ks.kvm_run.kvm_dirty_regs.offset   # its flags all live in the 
 # exit_reason is a u32; every KVM_EXIT_* fits its low byte (checked here), so the hot
 # path reads one byte of the page instead of a ctypes field.
 _EXIT_REASON_AT = ks.kvm_run.exit_reason.offset
+_EXIT_IO, _EXIT_MMIO, _IO_IN = ks.KVM_EXIT_IO, ks.KVM_EXIT_MMIO, ks.KVM_EXIT_IO_IN
+_IO_AT, _unpack_io = exits.IO_AT, exits.IO_FIELDS.unpack_from
+_IO_WORD = _IO_AT // 8             # the I/O exit's fields as page words (serving.py)
+assert _IO_AT % 8 == 0 and exits.IO_FIELDS.size == 16
 assert max(v for k, v in vars(ks).items() if k.startswith("KVM_EXIT_") and isinstance(v, int)) < 256
 
 
@@ -69,8 +73,10 @@ class Vcpu:
         self._plain_cache = type(self.cache).before_run is RegisterCache.before_run
         self._run_view: memoryview | None = memoryview((ctypes.c_char * ctypes.sizeof(ks.kvm_run)).from_address(
             handle.run_page_addr)).cast("B")
+        self._run_words: memoryview | None = self._run_view.cast("Q")   # as u64s (serving)
         self.last_exit: exits.AnyExit | None = None
         self._pending_exit: exits.AnyExit | None = None   # see _complete_pending_io
+        self._io_exits: dict[tuple[int, ...], exits.IoExit] = {}   # see _new_io_exit
         # For run()'s inlined no-syscall flush (cache.flush's fast path).
         self._fast_defer_mask = self.transport.fast_defer_mask
         self._sync_mask = self.transport.sync_mask
@@ -79,35 +85,40 @@ class Vcpu:
 
     # --- the run ---------------------------------------------------------------------
     def run(self) -> exits.AnyExit:
-        """Flush dirty registers, enter the guest once, return the decoded exit."""
+        """Flush dirty registers, enter the guest once, return the decoded exit.
+
+        Written for the hot path (one exit of a hypercall loop: a rider of REGS in,
+        REGS handed back): cache.flush()'s no-syscall case and cache.after_run()'s
+        common case are inlined here and in serve() -- those two methods are the
+        reference, and every other case goes through them.
+        """
         cache = self.cache
         owner = cache.owner
-        if owner is not None and owner != get_ident():
+        if owner != get_ident() and owner is not None:
             cache._check_thread()         # rule 9: raises WrongThreadError
         view = self._run_view
         if view is None:
             raise ValueError(f"KVM_RUN: vCPU {self.id} is closed")
-        if cache.dirty_mask:
+        dirty = cache.dirty_mask
+        if dirty:
             reason = view[_EXIT_REASON_AT]               # _completion_pending(), inlined
-            if (reason == ks.KVM_EXIT_IO and view[_IO_DIRECTION] == ks.KVM_EXIT_IO_IN) \
-                    or (reason == ks.KVM_EXIT_MMIO and not view[_MMIO_IS_WRITE]):
+            if (reason == _EXIT_IO and view[_IO_DIRECTION] == _IO_IN) \
+                    or (reason == _EXIT_MMIO and not view[_MMIO_IS_WRITE]):
                 self._complete_pending_io()
+                dirty = cache.dirty_mask
         if self._pending_exit is not None:
             pending, self._pending_exit = self._pending_exit, None
             return pending
-        dirty = cache.dirty_mask
-        if dirty and self._plain_cache:
-            if not dirty & ~(self._fast_defer_mask & cache.held):
-                # cache.flush()'s no-syscall path, inlined (the hot path of an edited
-                # exit): held REGS/SREGS already sit in the kvm_run page, so queuing
-                # them is their kvm_dirty_regs bits; KVM_RUN applies them.
-                view[_DIRTY_REGS_AT] |= self._dirty_flags[dirty]
-                self.transport.deferred |= dirty
-                cache.in_flight |= dirty
-                cache.dirty_mask = 0
-            else:
-                cache.flush()
-        if not self._plain_cache or cache._fetched_since_run:
+        if dirty and self._plain_cache and not dirty & ~(self._fast_defer_mask & cache.held) \
+                and not cache._fetched_since_run:
+            # cache.flush()'s no-syscall path: held REGS/SREGS already sit in the
+            # kvm_run page, so queuing them is their kvm_dirty_regs bits. (After a
+            # fetch, before_run() also counts the writes avoided: not inlined.)
+            view[_DIRTY_REGS_AT] |= self._dirty_flags[dirty]
+            self.transport.deferred |= dirty
+            cache.in_flight |= dirty
+            cache.dirty_mask = 0
+        elif dirty or not self._plain_cache or cache._fetched_since_run:
             cache.before_run()
         try:
             rc = self._kvm_run()
@@ -121,16 +132,14 @@ class Vcpu:
             cache.after_run(self.transport.unconsumed(cache.in_flight)
                             if view[_DIRTY_REGS_AT] else 0)
         else:
-            # cache.after_run's common case, inlined (the reference is after_run):
-            # KVM applied everything queued; only what it handed back is held.
+            # cache.after_run()'s common case: KVM applied everything queued.
             self.transport.deferred = 0
             cache.held = self._sync_mask
             cache._fetched_since_run = 0
             cache.exits += 1
             flight = cache.in_flight
             if flight:
-                tally = cache._deferred_tally
-                tally[flight] = tally.get(flight, 0) + 1
+                cache._deferred_tally[flight] += 1
                 one = cache._dirty_of_bit.get(flight)
                 if one is not None:
                     one.clear()
@@ -140,11 +149,29 @@ class Vcpu:
         if rc < 0:
             self._run_page.immediate_exit = 0
             ex: exits.AnyExit = exits.INTERRUPTED
-        elif view[_EXIT_REASON_AT] == ks.KVM_EXIT_IO:
-            ex = exits.decode_io(self._run_addr, view)
+        elif view[_EXIT_REASON_AT] == _EXIT_IO:
+            ex = self._io_exits.get(_unpack_io(view, _IO_AT)) or self._new_io_exit(view)
         else:
             ex = exits.decode(self._run_page, self._run_addr, view)
         self.last_exit = ex
+        return ex
+
+    def serve(self, handlers: Mapping[int, Callable[..., Any]],
+              limit: int | None = None) -> exits.AnyExit | None:
+        """Run the guest, answering its port I/O from ``handlers`` ({port: handler}),
+        until an exit no handler takes (returned: handle it as a run() result) or
+        ``limit`` handled exits (then None). A handler is ``fn(exit)`` using
+        vcpu.regs, or one marked ``@regsync.serving.uses(...)`` that gets its
+        registers as arguments (the faster form). See regsync.serving."""
+        return serving.serve(self, handlers, limit)
+
+    def _new_io_exit(self, view: memoryview) -> exits.IoExit:
+        """Decode a port I/O exit not seen lately. IoExits are immutable, so the
+        decoded ones are kept by their raw fields: a loop on one port decodes once."""
+        ex = exits.decode_io(self._run_addr, view)
+        if len(self._io_exits) >= 64:
+            self._io_exits.clear()
+        self._io_exits[_unpack_io(view, _IO_AT)] = ex
         return ex
 
     def _completion_pending(self) -> bool:
@@ -242,6 +269,7 @@ class Vcpu:
     def close(self) -> None:
         """Close the vCPU. Cached values stay readable; anything needing KVM raises."""
         self._run_view = None            # the page is unmapped below: run() must not touch it
+        self._run_words = None
         self.cache.locals.update(self.transport.detach())
         self.handle.close()
 
