@@ -209,11 +209,17 @@ def _interrupt_once() -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    previous = _interrupt_once()
+    previous = None
     try:
+        previous = _interrupt_once()
         status = _main(argv)
         sys.stdout.flush()          # a closed pipe shows here, not at interpreter exit
         return status
+    except KeyboardInterrupt:
+        # Ctrl-C outside the command: before the handler above was in place (Python's
+        # default raises too), or after the command returned. Still a clean 130.
+        print("regsync: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`| head`): say nothing more, and keep Python's exit
         # flush from failing again on the dead pipe.

@@ -113,6 +113,21 @@ class Machine(VmmMixin):
                  strategy: str = "regsync", sync_regs: bool | None = None,
                  serial_out: object = None, watchdog_action: str = "stop",
                  board: str | None = None, testdev: bool = False, cpu: str | None = None) -> None:
+        # A Ctrl-C while the machine is built is held until it is whole, then closes it:
+        # raised inside threading's own code (the watchdog's Thread.start) it would leave
+        # a lock released twice or held for ever, and a half-built machine unclosed.
+        try:
+            with interrupts_deferred():
+                self._build(mem_mb, smp, irqchip, strategy, sync_regs, serial_out,
+                            watchdog_action, board, testdev, cpu)
+        except KeyboardInterrupt:
+            if getattr(self, "_release", None) is not None:
+                self.close()       # built: the interrupt came once it was whole
+            raise
+
+    def _build(self, mem_mb: int, smp: int, irqchip: bool, strategy: str,
+               sync_regs: bool | None, serial_out: object, watchdog_action: str,
+               board: str | None, testdev: bool, cpu: str | None) -> None:
         _check_int("mem_mb", mem_mb, 1, MAX_MEM_MB, " (RAM sits below the 4 GiB hole)")
         _check_int("smp", smp, 1, MAX_XAPIC_VCPUS, " (xAPIC IDs are 8 bits, 0xff is broadcast)")
         if strategy not in STRATEGIES:

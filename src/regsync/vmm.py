@@ -448,10 +448,16 @@ class VmmMixin:
             raise RuntimeError("the machine's vCPU threads are already started")
         if self._closing:
             raise VcpuStopped("the machine is closed")
-        self.rearm()
-        self.threads = [VcpuThread(v, self.dispatch, self._vcpu_error, paused) for v in self.vcpus]
-        for t in self.threads:
-            t.start()
+        # A Ctrl-C meanwhile is raised once every thread runs (the caller's stop() then
+        # finds them all): inside threading's own code (Thread.start waits on an Event,
+        # rearm clears one) it would leave a Condition's lock released twice or held for
+        # ever, and a thread started that stop() cannot see.
+        with interrupts_deferred():
+            self.rearm()
+            self.threads = [VcpuThread(v, self.dispatch, self._vcpu_error, paused)
+                            for v in self.vcpus]
+            for t in self.threads:
+                t.start()
 
     def rearm(self) -> None:
         """The guest is to run again: no exit status, and wait() blocks until the next

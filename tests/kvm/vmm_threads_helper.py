@@ -4,6 +4,7 @@ they need a fresh interpreter's signal state.
 
     python tests/kvm/vmm_threads_helper.py other-thread
     python tests/kvm/vmm_threads_helper.py double-interrupt ROUNDS SEED
+    python tests/kvm/vmm_threads_helper.py sigint-at-each-line HALT_IMAGE FILE...
 
 Each prints one line starting with "ok" when everything held.
 """
@@ -144,10 +145,82 @@ def double_interrupt(rounds: int, seed: int) -> None:
     print(f"ok rounds={rounds}", flush=True)
 
 
+def sigint_at_each_line(image: str, files: list[str]) -> None:
+    """`regsync run IMAGE --smp 2` in this process, once per line event that the main
+    thread runs in FILES (file name endings, e.g. threading.py) between main()'s start
+    and the first Machine.wait(): the K-th run gets SIGINT exactly at the K-th such
+    line. signal.raise_signal runs the installed Python handler at once, in the traced
+    frame, as a real Ctrl-C landing there would. Each run must return 130, print no
+    traceback and leave no thread behind (an unclosed Machine's finaliser may end its
+    watchdog after a collection); a run that hangs ends the process after 60 s with
+    every thread's stack (faulthandler). A run whose SIGINT was never due stops the
+    guest itself and ends the loop."""
+    import contextlib
+    import faulthandler
+    import gc
+    import io
+    from regsync import cli, vmm
+
+    wait = vmm.VmmMixin.wait
+    at = {"line": 0, "due": 0, "where": ""}
+
+    def first_wait(m: vmm.VmmMixin, timeout: float | None = None) -> int | None:
+        sys.settrace(None)                  # the guest runs from here: the count is done
+        if not at["where"]:
+            m._finish(0)                    # no SIGINT was due: end the halted guest
+        return wait(m, timeout)
+
+    def tracer(frame, event, arg):  # type: ignore[no-untyped-def]
+        if event == "line" and frame.f_code.co_filename.endswith(tuple(files)):
+            at["line"] += 1
+            if at["line"] == at["due"]:
+                at["where"] = f"{os.path.basename(frame.f_code.co_filename)}:" \
+                              f"{frame.f_lineno} ({frame.f_code.co_name})"
+                signal.raise_signal(signal.SIGINT)
+        return tracer
+
+    vmm.VmmMixin.wait = first_wait  # type: ignore[method-assign]
+    threads0, failures, due = threading.active_count(), [], 0
+    while True:
+        due += 1
+        at.update(line=0, due=due, where="")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        err = io.StringIO()
+        # A hang (a lock left held) ends the process with every thread's stack.
+        faulthandler.dump_traceback_later(60, exit=True, file=sys.__stderr__)
+        with contextlib.redirect_stderr(err):
+            sys.settrace(tracer)
+            try:
+                status: object = cli.main(["run", image, "--smp", "2"])
+            except BaseException as e:      # noqa: BLE001 - what escaped main() is the failure
+                status = repr(e)
+            finally:
+                sys.settrace(None)
+        faulthandler.cancel_dump_traceback_later()
+        if not at["where"]:
+            break
+        deadline = time.monotonic() + 10
+        while threading.active_count() != threads0 and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.01)
+        left = [t.name for t in threading.enumerate()][threads0:]
+        if status != 130 or "Traceback" in err.getvalue() or left:
+            failures.append(f"SIGINT at {at['where']}: returned {status}, threads left {left}, "
+                            f"stderr: {err.getvalue()[-700:].strip()}")
+            if len(failures) == 5 or left:
+                break                      # a thread left behind spoils the runs after it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if failures:
+        raise SystemExit(f"{len(failures)} of {due} runs failed:\n" + "\n".join(failures))
+    print(f"ok runs={due - 1}", flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "other-thread":
         other_thread()
     elif sys.argv[1] == "double-interrupt":
         double_interrupt(int(sys.argv[2]), int(sys.argv[3]))
+    elif sys.argv[1] == "sigint-at-each-line":
+        sigint_at_each_line(sys.argv[2], sys.argv[3:])
     else:
         raise SystemExit(f"unknown program {sys.argv[1]!r}")
