@@ -7,8 +7,11 @@ Workload: the bundled ``hypercall`` guest (each exit: read rdi and rsi, write ra
 Variants:
   raw          KVM_RUN by hand, registers straight off/onto the kvm_run page
   regsync      v.run(), ex.port, v.regs.rdi/rsi, v.regs.rax = ... (the typed API)
-  serve        v.serve({port: handler}): regsync's tight loop calling a handler
   traced       the typed API with a SyncTrace attached (what the trace costs on)
+  trace detached  the typed API after a SyncTrace was attached and detached: the
+               trace "off" (regsync has no compiled-out build: off is no trace code)
+  serve        v.serve({port: handler}) with the typed API in the handler
+  serve @uses  v.serve with a handler naming its registers (regsync.serving.uses)
 
     .venv/bin/python benchmarks/hot_path.py [--exits N] [--out FILE]
 
@@ -89,6 +92,7 @@ def measure(exits: int) -> dict[str, dict[str, float]]:
     variants: dict[str, Callable[[Machine, int], None]] = {"raw": _raw, "regsync": _typed}
     if SyncTrace is not None:
         variants["traced"] = _typed
+        variants["trace detached"] = _typed     # attached once, then off: "off" is measured
     with Machine(smp=1) as probe:
         if hasattr(probe.vcpus[0], "serve"):
             variants["serve"] = _serve
@@ -103,6 +107,10 @@ def measure(exits: int) -> dict[str, dict[str, float]]:
             _typed(m, 100)                          # warm up, boot state flushed
             v.cache.before_run()                    # the last answer reaches the raw loop
             tr = SyncTrace(io.StringIO()) if name == "traced" and SyncTrace else None
+            if name == "trace detached":
+                off = SyncTrace(io.StringIO())
+                off.attach(v)
+                off.detach()
             step = max(1, exits // CHUNKS)
             acc = {name: [0.0, 0.0], "raw": [0.0, 0.0]}
             for i in range(CHUNKS):

@@ -11,6 +11,10 @@ Strategies:
   eager, qemu2012, qemu2013, qemu  the comparison strategies (no SYNC_REGS;
                                    strategies/qemu.py: what each QEMU wrote)
   regsync-nosync, regsync          the cache without and with KVM_CAP_SYNC_REGS
+  regsync-serve                    regsync, exits served by Vcpu.serve() (hypercall:
+                                   a @uses handler naming rdi, rsi and rax)
+Each cell reports user-mode CPU per exit (getrusage of the vCPU's thread) beside
+exits/s and ioctls/exit: on a host with fast exits Python's own cost dominates.
 
 Speed goals live here, never in tests. Rates vary with the host's load, so the
 table reports ratios measured in the same run.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import struct
 import time
@@ -35,7 +40,8 @@ from .machine import Machine
 from .vcpu import LEVELS
 
 WORKLOADS = ("pio", "hypercall", "debugger", "monitor")
-STRATEGIES = ("raw", "eager", "qemu2012", "qemu2013", "qemu", "regsync-nosync", "regsync")
+STRATEGIES = ("raw", "eager", "qemu2012", "qemu2013", "qemu", "regsync-nosync", "regsync",
+              "regsync-serve")
 COMPARISON = ("eager", "qemu2012", "qemu2013", "qemu")
 _FXSAVE_HEAD = struct.Struct("<HHBBHQQI")   # fcw fsw ftw pad fop fip fdp mxcsr
 
@@ -49,13 +55,15 @@ class Cell:
     exits_per_s: float
     ioctls_per_exit: float
     register_ioctls_per_exit: float
+    user_us_per_exit: float = 0.0
     ratio_to_raw: float = 0.0
+    user_ratio_to_raw: float = 0.0        # user CPU per exit / the raw loop's (same VM)
 
 
 def _machine(strategy: str, guest: str) -> Machine:
     if strategy == "regsync-nosync":
         m = Machine(smp=1, strategy="regsync", sync_regs=False)
-    elif strategy == "raw":
+    elif strategy in ("raw", "regsync-serve"):
         m = Machine(smp=1, strategy="regsync", sync_regs=True)
     else:
         m = Machine(smp=1, strategy=strategy)
@@ -68,6 +76,9 @@ def _loop(workload: str, strategy: str, m: Machine, n: int) -> None:
     v = m.vcpus[0]
     if strategy == "raw":
         _raw_loop(workload, v, n)
+        return
+    if strategy == "regsync-serve":
+        _serve_loop(workload, v, n)
         return
     regs = v.regs
     run = v.run
@@ -89,6 +100,33 @@ def _loop(workload: str, strategy: str, m: Machine, n: int) -> None:
             run()
             if i % 1000 == 999:
                 regs.dump()
+
+
+def _serve_loop(workload: str, v, n: int) -> None:  # type: ignore[no-untyped-def]
+    """The workloads as handlers run by Vcpu.serve() (regsync.serving)."""
+    from .serving import uses
+    handlers: dict[int, Callable[..., object]]
+    if workload == "hypercall":
+        @uses("rdi", "rsi", writes="rax")
+        def hypercall(ex: object, rdi: int, rsi: int) -> int:
+            return rdi + rsi
+        handlers = {HYPERCALL_PORT: hypercall}
+    elif workload == "pio":
+        handlers = {TICK_PORT: lambda ex: None}
+    elif workload == "debugger":
+        runtime, dump = LEVELS["RUNTIME"], v.regs.dump
+        handlers = {TICK_PORT: lambda ex: dump(runtime)}
+    else:
+        count, dump_all = [0], v.regs.dump
+
+        def tick(ex: object) -> None:
+            count[0] += 1
+            if count[0] % 1000 == 0:
+                dump_all()
+        handlers = {TICK_PORT: tick}
+    ex = v.serve(handlers, n)
+    if ex is not None:
+        raise RuntimeError(f"{workload}/regsync-serve: an exit no handler takes: {ex}")
 
 
 def _raw_loop(workload: str, v, n: int) -> None:  # type: ignore[no-untyped-def]
@@ -152,24 +190,28 @@ def _raw_body(workload: str, v, h, page, n: int) -> None:  # type: ignore[no-unt
                 h.get_vcpu_events(); h.get_lapic(); h.get_mp_state()
 
 
-Run = tuple[float, float, float, float]   # exits/s, ioctls/exit, register ioctls/exit, s
+Run = tuple[float, float, float, float, float]
+# exits/s, ioctls/exit, register ioctls/exit, seconds, user CPU µs/exit
 
 CHUNKS = 10
 _EXPECTED_PORT = {"hypercall": HYPERCALL_PORT}   # the others run the counter guest: tick
 
 
-def _timed(workload: str, strategy: str, m: Machine, n: int) -> tuple[float, Counters]:
+def _timed(workload: str, strategy: str, m: Machine, n: int) -> tuple[float, float, Counters]:
+    """(wall seconds, user CPU seconds of this thread, ioctls) of n exits."""
     v = m.vcpus[0]
     before = dict(v.handle.counters)
+    u0 = resource.getrusage(resource.RUSAGE_THREAD).ru_utime
     t0 = time.perf_counter()
     _loop(workload, strategy, m, n)
     dt = time.perf_counter() - t0
+    du = resource.getrusage(resource.RUSAGE_THREAD).ru_utime - u0
     after = v.handle.counters
-    return dt, Counters({k: after[k] - before.get(k, 0) for k in after})
+    return dt, du, Counters({k: after[k] - before.get(k, 0) for k in after})
 
 
-def _run_of(n: int, dt: float, delta: Counters) -> Run:
-    return n / dt, sum(delta.values()) / n, delta.register_ioctls() / n, dt
+def _run_of(n: int, dt: float, du: float, delta: Counters) -> Run:
+    return n / dt, sum(delta.values()) / n, delta.register_ioctls() / n, dt, du / n * 1e6
 
 
 def _against_raw(workload: str, strategy: str, n: int, n_raw: int) -> tuple[Run, Run]:
@@ -182,6 +224,7 @@ def _against_raw(workload: str, strategy: str, n: int, n_raw: int) -> tuple[Run,
     guest = "hypercall" if workload == "hypercall" else "counter"
     steps = {strategy: max(1, n // CHUNKS), "raw": max(1, n_raw // CHUNKS)}
     time_of = {strategy: 0.0, "raw": 0.0}
+    user_of = {strategy: 0.0, "raw": 0.0}
     ioctls = {strategy: Counters(), "raw": Counters()}
     with _machine(strategy, guest) as m:
         v = m.vcpus[0]
@@ -189,8 +232,9 @@ def _against_raw(workload: str, strategy: str, n: int, n_raw: int) -> tuple[Run,
         v.cache.before_run()
         for i in range(CHUNKS):
             for s in ((strategy, "raw") if i % 2 else ("raw", strategy)):
-                dt, delta = _timed(workload, s, m, steps[s])
+                dt, du, delta = _timed(workload, s, m, steps[s])
                 time_of[s] += dt
+                user_of[s] += du
                 ioctls[s].update(delta)
                 # Hand-off, untimed: what the strategy writes before a run, it writes
                 # now (queued in kvm_dirty_regs or by ioctl), so the raw loop's next
@@ -201,14 +245,16 @@ def _against_raw(workload: str, strategy: str, n: int, n_raw: int) -> tuple[Run,
         if port != _EXPECTED_PORT.get(workload, TICK_PORT):
             raise RuntimeError(f"{workload}/{strategy}: the guest left its loop (last exit "
                                f"on port {port:#x}): a hand-off between loops lost an edit")
-    return (_run_of(steps[strategy] * CHUNKS, time_of[strategy], ioctls[strategy]),
-            _run_of(steps["raw"] * CHUNKS, time_of["raw"], ioctls["raw"]))
+    return (_run_of(steps[strategy] * CHUNKS, time_of[strategy], user_of[strategy],
+                    ioctls[strategy]),
+            _run_of(steps["raw"] * CHUNKS, time_of["raw"], user_of["raw"], ioctls["raw"]))
 
 
 def _cell(workload: str, strategy: str, n: int, runs: list[Run]) -> Cell:
     rates = sorted(r[0] for r in runs)
     mid = runs[[r[0] for r in runs].index(rates[len(rates) // 2])]
-    return Cell(workload, strategy, n, mid[3], mid[0], mid[1], mid[2])
+    return Cell(workload, strategy, n, mid[3], mid[0], mid[1], mid[2],
+                statistics.median(r[4] for r in runs))
 
 
 def run_all(quick: bool = False, progress: Callable[[str], None] = print) -> list[Cell]:
@@ -226,6 +272,7 @@ def run_all(quick: bool = False, progress: Callable[[str], None] = print) -> lis
                  else base for s in STRATEGIES}
         runs: dict[str, list[Run]] = {s: [] for s in STRATEGIES}
         ratios: dict[str, list[float]] = {s: [] for s in STRATEGIES}
+        user_ratios: dict[str, list[float]] = {s: [] for s in STRATEGIES}
         for _ in range(repeat):
             for s in STRATEGIES:
                 if s == "raw":
@@ -234,13 +281,16 @@ def run_all(quick: bool = False, progress: Callable[[str], None] = print) -> lis
                 runs[s].append(mine)
                 runs["raw"].append(raw)
                 ratios[s].append(mine[0] / raw[0])
-        ratios["raw"] = [1.0]
+                user_ratios[s].append(mine[4] / raw[4] if raw[4] else float("nan"))
+        ratios["raw"] = user_ratios["raw"] = [1.0]
         for s in STRATEGIES:
             c = _cell(w, s, sizes[s], runs[s])
             c.ratio_to_raw = statistics.median(ratios[s])
+            c.user_ratio_to_raw = statistics.median(user_ratios[s])
             cells.append(c)
             progress(f"  {w:<10} {s:<15} {c.exits_per_s:>9.0f} exits/s  "
-                     f"{c.ratio_to_raw:.2f}x raw  {c.ioctls_per_exit:.3f} ioctls/exit")
+                     f"{c.ratio_to_raw:.2f}x raw  {c.ioctls_per_exit:.3f} ioctls/exit  "
+                     f"{c.user_us_per_exit:.2f} µs user/exit ({c.user_ratio_to_raw:.2f}x raw)")
     return cells
 
 
@@ -307,12 +357,14 @@ def demo_wall_times(cpus: tuple[int, ...] = (1, 2, 4), repeat: int = 5) -> dict[
 
 
 def table(cells: list[Cell]) -> str:
-    lines = ["| workload | strategy | exits/s | × raw | ioctls/exit | register ioctls/exit |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| workload | strategy | exits/s | × raw | ioctls/exit | register ioctls/exit "
+             "| user CPU µs/exit | × raw (user CPU) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for c in cells:
         lines.append(f"| {c.workload} | {c.strategy} | {c.exits_per_s:,.0f} | "
                      f"{c.ratio_to_raw:.2f} | {c.ioctls_per_exit:.3f} | "
-                     f"{c.register_ioctls_per_exit:.3f} |")
+                     f"{c.register_ioctls_per_exit:.3f} | {c.user_us_per_exit:.2f} | "
+                     f"{c.user_ratio_to_raw:.2f} |")
     by = {(c.workload, c.strategy): c for c in cells}
     hc, eager = by.get(("hypercall", "regsync")), by.get(("hypercall", "eager"))
     if hc and eager:
