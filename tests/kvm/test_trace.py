@@ -124,3 +124,38 @@ def test_summary_and_chrome_export(tmp_path) -> None:
     bad.write_text('{"vcpu": 0, "ioctl": "X"}\nnot json\n')
     with pytest.raises(ValueError, match="line 2"):
         load(bad)
+
+
+def test_cli_traces_per_strategy_summaries_and_chart(tmp_path) -> None:
+    """`regsync run --trace-sync` for two strategies, then `regsync trace A B --svg`: a
+    summary each, a chart with a line each (qemu's above regsync's), and bad input
+    as one line with exit 2."""
+    import subprocess
+    import xml.etree.ElementTree as ET
+    exe = [sys.executable, "-m", "regsync"]
+    paths = {}
+    for strategy in ("regsync", "qemu"):
+        paths[strategy] = tmp_path / f"{strategy}.jsonl"
+        p = subprocess.run([*exe, "run", "hypercall", "--arg", "200", "--strategy", strategy,
+                            "--trace-sync", str(paths[strategy])],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+    chart = tmp_path / "chart.svg"
+    p = subprocess.run([*exe, "trace", str(paths["regsync"]), str(paths["qemu"]), "--svg",
+                        str(chart)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("== ") == 2 and "KVM_RUN" in p.stdout
+    assert f"wrote {chart} (2 lines)" in p.stderr
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = {e.get("data-name"): [float(xy.split(",")[1]) for xy in e.get("points").split()]
+             for e in ET.parse(chart).getroot().iter(f"{ns}polyline") if e.get("class")}
+    assert set(lines) == {"regsync", "qemu"}
+    assert sum(lines["qemu"]) < sum(lines["regsync"])     # y grows upward: qemu moves more
+    one = subprocess.run([*exe, "trace", str(paths["regsync"]), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert one.returncode == 0 and json.loads(one.stdout)["syscalls"] == 0
+    for args, text in (([str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+                       ([str(paths["regsync"]), "--svg", str(tmp_path / "no" / "x.svg")], "--svg")):
+        bad = subprocess.run([*exe, "trace", *args], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and text in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
