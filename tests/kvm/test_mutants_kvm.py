@@ -1088,3 +1088,15 @@ def test_a_short_set_msrs_that_wrote_all_of_msrs_leaves_nothing_to_flush(counter
     assert v.cache.dirty_registers() == [] and _ioctl_delta(v, v.flush) == {}
     run_to_tick(m, v)
     assert v.regs.r13 == STAR
+
+
+# --- Vcpu.serve: the door to regsync.serving ------------------------------------------------
+def test_serve_hands_each_exit_of_a_listed_port_to_its_handler_up_to_the_limit(counter) -> None:
+    from regsync.devices.basic import TICK_PORT
+    m, v = counter
+    r12 = v.regs.r12
+    seen: list[int] = []
+    assert v.serve({TICK_PORT: lambda ex: seen.append(v.regs.r12)}, limit=3) is None
+    assert seen == [r12 + 1, r12 + 2, r12 + 3]
+    ex = v.serve({})                                  # no handler takes the next tick
+    assert (ex.kind, ex.port) == ("io", TICK_PORT) and v.regs.r12 == r12 + 4
