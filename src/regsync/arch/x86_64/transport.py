@@ -77,10 +77,9 @@ LAPIC_EDITS: dict[str, tuple[str, str]] = {
     "ldr": ("kernel", "the APIC map is rebuilt from it; in x2APIC mode KVM derives LDR "
                       "from the ID and the edit is refused at flush"),
     "dfr": ("kernel", "as ldr; does not exist in x2APIC mode (refused at flush)"),
-    "svr": ("overlay", "clearing bit 8 (software disable) masks every LVT in a guest write "
-                       "(kvm_lapic_reg_write, APIC_SPIV); the load alone does not, so when "
-                       "the edit disables an enabled APIC the mask bits are set in the page "
-                       "(LVTs edited in the same flush keep their edited value)"),
+    "svr": ("overlay", "a guest write with bit 8 (software enable) clear masks every LVT "
+                       "(kvm_lapic_reg_write, APIC_SPIV), whether the APIC was enabled or "
+                       "not; the load alone does not, so the mask bits are set in the page"),
     "isr": ("refuse", "read-only to the guest: a load would retire interrupts no EOI did"),
     "tmr": ("refuse", "read-only to the guest"),
     "irr": ("refuse", "read-only to the guest: a load would post interrupts no device sent"),
@@ -88,12 +87,18 @@ LAPIC_EDITS: dict[str, tuple[str, str]] = {
     "icr": ("refuse", "a guest write sends an IPI; KVM_SET_LAPIC only stores the value"),
     "icr2": ("plain", "the IPI destination: no side effect until icr is written"),
     "lvt_timer": ("kernel", "apic_update_lvtt applies a mode change as a guest write does "
-                            "(TMICT cleared when switching to or from TSC-deadline)"),
-    "lvt_thermal": ("plain", "no side effect on a write"),
-    "lvt_pmc": ("plain", "no side effect on a write"),
-    "lvt_lint0": ("kernel", "apic_manage_nmi_watchdog runs on the loaded value"),
-    "lvt_lint1": ("plain", "no side effect on a write"),
-    "lvt_error": ("plain", "no side effect on a write"),
+                            "(TMICT cleared when switching to or from TSC-deadline); loaded "
+                            "masked while the APIC is software-disabled (APIC_LVTT)"),
+    "lvt_thermal": ("overlay", "loaded masked while the APIC is software-disabled, as "
+                             "kvm_lapic_reg_write (APIC_LVT*) masks a guest write then"),
+    "lvt_pmc": ("overlay", "loaded masked while the APIC is software-disabled, as "
+                             "kvm_lapic_reg_write (APIC_LVT*) masks a guest write then"),
+    "lvt_lint0": ("kernel", "apic_manage_nmi_watchdog runs on the loaded value; loaded "
+                            "masked while the APIC is software-disabled (APIC_LVT0)"),
+    "lvt_lint1": ("overlay", "loaded masked while the APIC is software-disabled, as "
+                             "kvm_lapic_reg_write (APIC_LVT*) masks a guest write then"),
+    "lvt_error": ("overlay", "loaded masked while the APIC is software-disabled, as "
+                             "kvm_lapic_reg_write (APIC_LVT*) masks a guest write then"),
     "tmict": ("overlay", "a guest write loads TMCCT with TMICT and starts the count; the "
                          "load restarts from the page's TMCCT, so TMCCT is set to TMICT"),
     "tmcct": ("refuse", "read-only: write lapic.tmict to (re)start the count"),
@@ -478,16 +483,17 @@ class KvmTransport:
                              "read-only in x2APIC mode (KVM derives LDR from the APIC ID)")
         local = self._locals["LAPIC"]
         self.vcpu.get_lapic(local)
-        was_enabled = int.from_bytes(local[_SVR:_SVR + 4], "little") & _SVR_ENABLE
         for r, val in regs.items():
             set_fn(r, local, val)
         if "lapic.tmict" in names:
             local[_TMCCT:_TMCCT + 4] = local[_TMICT:_TMICT + 4]
-        if "lapic.svr" in names and was_enabled \
-                and not int.from_bytes(local[_SVR:_SVR + 4], "little") & _SVR_ENABLE:
+        if not int.from_bytes(local[_SVR:_SVR + 4], "little") & _SVR_ENABLE:
+            # Software-disabled once the edits are in (LAPIC_EDITS, svr and lvt_*): an
+            # SVR write masks every LVT, an LVT write is masked. Either order of those
+            # guest writes ends with the same page.
             edited = {int(r.field[6:], 16) for r in regs}
             for off in _LVT_OFFSETS:
-                if off not in edited:       # an LVT edited in the same flush says what it wants
+                if "lapic.svr" in names or off in edited:
                     lvt = int.from_bytes(local[off:off + 4], "little") | _LVT_MASKED
                     local[off:off + 4] = lvt.to_bytes(4, "little")
         self.vcpu.set_lapic(local)
