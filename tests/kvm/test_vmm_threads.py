@@ -146,8 +146,16 @@ def test_cli_survives_200_double_sigints(tmp_path: Path) -> None:
     halt.write_bytes(HALT_IMAGE)
     rng = random.Random(8_10)
     gaps = [rng.uniform(0.0, 0.05) for _ in range(200)]
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        results = list(pool.map(lambda a: _double_sigint_once(a[0], a[1], halt), enumerate(gaps)))
+    # Started from a shell's background job, this process (and so every child) would
+    # ignore SIGINT from birth, and the CLI rightly keeps an ignored SIGINT ignored: a
+    # Python handler here makes each child start with SIGINT's default (exec resets it).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            results = list(pool.map(lambda a: _double_sigint_once(a[0], a[1], halt),
+                                    enumerate(gaps)))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     failures = [r for r in results if r is not None]
     assert not failures, f"{len(failures)} of 200 runs failed:\n" + "\n".join(failures[:10])
 
