@@ -430,6 +430,7 @@ def test_a_machine_without_irqchip_has_no_lapic_group(tmp_path) -> None:
 
 def test_end_setup_keeps_the_counts_so_far(counter) -> None:
     m, v = counter
+    assert v.setup_stats is None                      # none kept before end_setup()
     v.end_setup()
     assert v.setup_stats == v.stats and v.setup_stats["exits"] >= 1
 
@@ -857,6 +858,11 @@ def test_an_edit_after_close_is_refused_cleanly(counter) -> None:
         v.cache.flush()
     assert ei.value.group == "REGS" and ei.value.registers == ["r12"]
     assert v.regs.r12 == 5
+    with pytest.raises(RegisterWriteError):
+        v.flush()                                     # no I/O completion on a closed vCPU
+    with pytest.raises(ValueError) as ei2:
+        v.run()
+    assert str(ei2.value) == "KVM_RUN: vCPU 0 is closed"
 
 
 # --- KVM_GET_MSRS stopping short --------------------------------------------------------------
@@ -1092,3 +1098,64 @@ def test_serve_hands_each_exit_of_a_listed_port_to_its_handler_up_to_the_limit(c
     assert seen == [r12 + 1, r12 + 2, r12 + 3]
     ex = v.serve({})                                  # no handler takes the next tick
     assert (ex.kind, ex.port) == ("io", TICK_PORT) and v.regs.r12 == r12 + 4
+
+
+
+# --- Vcpu.run's inlined fast paths keep the cache's books -----------------------------------
+def test_stats_count_every_exit_and_every_queued_write_a_run_applied(counter) -> None:
+    m, v = counter
+    io = v.handle.counters
+    runs, exits0 = io["KVM_RUN"], v.stats["exits"]
+    dw0 = v.stats["deferred_writes"].get("REGS", 0)
+    for value in (1000, 2000, 3000):
+        v.regs.r12 = value                            # queued, applied by the next run
+        run_to_tick(m, v)
+        assert v.regs.r12 == value + 1
+    st = v.stats
+    assert st["exits"] - exits0 == io["KVM_RUN"] - runs
+    assert st["deferred_writes"]["REGS"] == dw0 + 3
+
+
+def test_an_edit_after_a_put_of_a_group_that_cannot_ride_is_written_by_ioctl(counter) -> None:
+    """put() leaves DEBUGREGS held with nothing fetched since the run: an edit of it
+    still goes by KVM_SET_DEBUGREGS, never into kvm_dirty_regs."""
+    m, v = counter
+    saved = v.cache.export(BIT["DEBUGREGS"])["DEBUGREGS"]
+    run_to_tick(m, v)
+    v.cache.put("DEBUGREGS", saved)
+    v.regs.dr0 = 0x2000
+    delta = _ioctl_delta(v, lambda: run_to_tick(m, v))
+    assert delta.get("KVM_SET_DEBUGREGS") == 1 and v.regs.r14 == 0x2000
+
+
+def test_a_riding_edit_after_a_fetch_still_counts_the_writes_avoided(counter) -> None:
+    m, v = counter
+    avoided = v.stats["writes_avoided"]
+    v.regs.dr7                                        # DEBUGREGS fetched, unchanged
+    v.regs.r12 = 1000                                 # REGS rides kvm_run
+    run_to_tick(m, v)
+    assert v.stats["writes_avoided"] == avoided + 1 and v.regs.r12 == 1001
+
+
+def test_a_group_queued_by_an_earlier_flush_still_rides_with_the_runs_own_edit(counter) -> None:
+    m, v = counter
+    masked = v.regs["nmi.masked"]
+    v.regs["nmi.masked"] = masked ^ 1
+    v.cache.flush()                                   # EVENTS queued in kvm_dirty_regs
+    v.regs.r12 = 1000                                 # REGS queued by run() itself
+    run_to_tick(m, v)
+    assert v.cache.dirty_registers() == [] and v.regs.r12 == 1001
+    assert v.regs["nmi.masked"] == masked ^ 1
+    v.regs["nmi.masked"] = masked
+    run_to_tick(m, v)
+
+
+def test_an_ioctl_write_after_a_run_counts_at_once(counter) -> None:
+    m, v = counter
+    run_to_tick(m, v)
+    writes = v.stats["writes"].get("REGS", 0)
+    v.regs.r12 = 1000
+    v.flush()                                         # by ioctl, now
+    assert v.cache.in_flight == 0 and v.stats["writes"]["REGS"] == writes + 1
+    run_to_tick(m, v)
+    assert v.stats["writes"]["REGS"] == writes + 1 and v.regs.r12 == 1001
