@@ -160,17 +160,27 @@ def test_cli_survives_200_double_sigints(tmp_path: Path) -> None:
     assert not failures, f"{len(failures)} of 200 runs failed:\n" + "\n".join(failures[:10])
 
 
-def test_cli_exits_130_wherever_the_first_sigint_lands(tmp_path: Path) -> None:
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("gdb", [False, True], ids=["plain", "gdb"])
+def test_cli_exits_130_wherever_the_first_sigint_lands(tmp_path: Path, gdb: bool) -> None:
     """Deterministic: `regsync run` once per line the main thread runs in threading.py
     and vmm.py up to the guest's run, with SIGINT delivered exactly there (helper
     sigint-at-each-line). Before the fix, a Ctrl-C inside Thread.start's Event.wait
     (Machine.start, the watchdog's start in Machine()) raised `RuntimeError: release
     unlocked lock` (exit 125, the 1-in-200 flake of the test above), one inside
     rearm's Event.clear left its lock held (a hang), and one in main() before its
-    handler was installed escaped as a KeyboardInterrupt traceback."""
+    handler was installed escaped as a KeyboardInterrupt traceback. With --gdb, the
+    stub's server thread starts on that path too (before: outside every guard)."""
     halt = tmp_path / "halt.bin"
     halt.write_bytes(HALT_IMAGE)
-    p = _helper("sigint-at-each-line", str(halt), "threading.py", "/regsync/vmm.py",
+    extra = ["--", "--gdb", str(_free_port())] if gdb else []
+    p = _helper("sigint-at-each-line", str(halt), "threading.py", "/regsync/vmm.py", *extra,
                 timeout=600)
     assert p.returncode == 0, f"returncode {p.returncode}: {p.stdout[-500:]} {p.stderr[-3000:]}"
     assert p.stdout.startswith("ok runs="), p.stdout

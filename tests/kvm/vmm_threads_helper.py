@@ -4,7 +4,7 @@ they need a fresh interpreter's signal state.
 
     python tests/kvm/vmm_threads_helper.py other-thread
     python tests/kvm/vmm_threads_helper.py double-interrupt ROUNDS SEED
-    python tests/kvm/vmm_threads_helper.py sigint-at-each-line HALT_IMAGE FILE...
+    python tests/kvm/vmm_threads_helper.py sigint-at-each-line HALT_IMAGE FILE... [-- RUN_ARGS]
 
 Each prints one line starting with "ok" when everything held.
 """
@@ -145,7 +145,7 @@ def double_interrupt(rounds: int, seed: int) -> None:
     print(f"ok rounds={rounds}", flush=True)
 
 
-def sigint_at_each_line(image: str, files: list[str]) -> None:
+def sigint_at_each_line(image: str, files: list[str], run_args: list[str]) -> None:
     """`regsync run IMAGE --smp 2` in this process, once per line event that the main
     thread runs in FILES (file name endings, e.g. threading.py) between main()'s start
     and the first Machine.wait(): the K-th run gets SIGINT exactly at the K-th such
@@ -191,7 +191,7 @@ def sigint_at_each_line(image: str, files: list[str]) -> None:
         with contextlib.redirect_stderr(err):
             sys.settrace(tracer)
             try:
-                status: object = cli.main(["run", image, "--smp", "2"])
+                status: object = cli.main(["run", image, "--smp", "2", *run_args])
             except BaseException as e:      # noqa: BLE001 - what escaped main() is the failure
                 status = repr(e)
             finally:
@@ -221,6 +221,9 @@ if __name__ == "__main__":
     elif sys.argv[1] == "double-interrupt":
         double_interrupt(int(sys.argv[2]), int(sys.argv[3]))
     elif sys.argv[1] == "sigint-at-each-line":
-        sigint_at_each_line(sys.argv[2], sys.argv[3:])
+        # FILE... then, after "--", more arguments for `regsync run` (e.g. --gdb PORT)
+        rest = sys.argv[3:]
+        cut = rest.index("--") if "--" in rest else len(rest)
+        sigint_at_each_line(sys.argv[2], rest[:cut], rest[cut + 1:])
     else:
         raise SystemExit(f"unknown program {sys.argv[1]!r}")
