@@ -1159,3 +1159,29 @@ def test_an_ioctl_write_after_a_run_counts_at_once(counter) -> None:
     assert v.cache.in_flight == 0 and v.stats["writes"]["REGS"] == writes + 1
     run_to_tick(m, v)
     assert v.stats["writes"]["REGS"] == writes + 1 and v.regs.r12 == 1001
+
+
+
+# --- the register file: MSR numbers reach the one home of each register ----------------------
+def test_msr_numbers_of_catalog_registers_and_aliases_read_and_write_their_home(counter) -> None:
+    """catalog.py: one home per register; regs.msr(i) of an alias (EFER, APIC base,
+    FS/GS base) or of a catalog MSR is that register, pending edits included."""
+    m, v = counter
+    v.regs.fs_base = 0x1234_5000                      # SREGS home, not flushed
+    assert v.regs.msr(0xC0000100) == 0x1234_5000
+    v.regs.star = STAR + 0x10000                      # catalog MSR, not flushed
+    assert v.regs.msr(0xC0000081) == STAR + 0x10000
+    v.regs.set_msr(0xC0000101, 0x6789_0000)           # gs.base by its MSR number
+    v.regs.set_msr(0xC0000081, STAR)
+    assert sorted(v.cache.dirty_registers()) == ["fs.base", "gs.base", "star"]
+    assert v.regs.gs_base == 0x6789_0000
+    v.discard()
+
+
+def test_refused_lapic_registers_read_like_any_other(counter) -> None:
+    m, v = counter
+    d = v.regs.dump(BIT["LAPIC"])
+    for name in ("version", "apr", "icr", "isr", "tmcct"):
+        value = getattr(v.regs, f"lapic_{name}")
+        assert isinstance(value, int), name
+    assert v.regs.lapic_version == d["lapic.version"] and v.regs.lapic_icr == d["lapic.icr"]

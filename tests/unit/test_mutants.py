@@ -528,6 +528,12 @@ def test_every_x86_accessor_reads_and_writes_exactly_its_locator() -> None:
             used |= set(range(off + 0x10 * i, off + 0x10 * i + 4))
     assert all(page[b] == _BACKGROUND for b in range(0x400) if b not in used)
     assert locals_["XCRS"].nr_xcrs == 1
+    for seed, reg in enumerate(reversed(X86.registers), start=1000):   # and the other way
+        values[reg] = _value_for(reg, seed)
+        accessors(reg)[1](locals_[reg.group], values[reg])
+    for reg, value in values.items():
+        local = locals_[reg.group]
+        assert (accessors(reg)[0](local), _raw(reg, local)) == (value, value), reg.name
 
 
 def test_segment_attributes_pack_as_vmx_access_rights_and_drop_bits_8_to_11() -> None:
@@ -557,6 +563,11 @@ def test_xcr_accessors_find_the_entry_by_number_and_append_a_missing_one() -> No
     assert get(xcrs) == 0x7
     set_(xcrs, 0xE7)
     assert xcrs.nr_xcrs == 2 and (xcrs.xcrs[0].value, xcrs.xcrs[1].value) == (0x55, 0xE7)
+    other = ks.kvm_xcrs()
+    other.nr_xcrs, other.xcrs[0].xcr, other.xcrs[0].value = 1, 1, 0x55   # XCR1 alone
+    set_(other, 0x7)                                  # XCR0 appended after it
+    assert other.nr_xcrs == 2 and (other.xcrs[1].xcr, other.xcrs[1].value) == (0, 0x7)
+    assert other.xcrs[0].value == 0x55 and get(other) == 0x7
     fresh = ks.kvm_xcrs()
     set_(fresh, 0x3)
     set_(fresh, 0x7)                                  # the second write finds the first
