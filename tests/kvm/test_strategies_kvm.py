@@ -20,7 +20,7 @@ from regsync.strategies.qemu_plans import MSR_SMBASE
 
 COUNTER = symbols("counter")
 COUNTER_LAPIC, COUNTER_SMP = 1, 4
-LINT1_MASKED = 0x10000
+LINT1_NMI = 0x400           # LVT delivery mode NMI (bits 8-10 = 100)
 MSR_TSC = 0x10
 
 
@@ -47,7 +47,9 @@ def seed_sequence(strategy: str) -> tuple[int, int, int]:
         v.synchronize_state("RUNTIME")
         v.regs.r12 = 1000
         v.synchronize_state("FULL")
-        edited = v.regs["lapic.lvt_lint1"] ^ LINT1_MASKED
+        # Toggle the delivery mode (NMI), not the mask: the counter guest's APIC is
+        # software-disabled, and a guest write (so an edit) of an LVT then stays masked.
+        edited = v.regs["lapic.lvt_lint1"] ^ LINT1_NMI
         v.regs["lapic.lvt_lint1"] = edited
         run_to_tick(m, v)
         v.synchronize_state("RUNTIME")
