@@ -1185,3 +1185,20 @@ def test_refused_lapic_registers_read_like_any_other(counter) -> None:
         value = getattr(v.regs, f"lapic_{name}")
         assert isinstance(value, int), name
     assert v.regs.lapic_version == d["lapic.version"] and v.regs.lapic_icr == d["lapic.icr"]
+
+
+def test_a_lapic_edit_is_laid_on_the_page_as_the_kernel_has_it_at_the_flush(counter) -> None:
+    """_store_lapic: the page moves while the vCPU is stopped, so it is fetched at the
+    flush; a change the kernel made after the cache's last fetch is kept."""
+    m, v = counter
+    v.regs.lapic_tdcr                                 # the cache's copy of the page
+    page = v.handle.get_lapic()
+    old = int.from_bytes(page[0x360:0x364], "little")
+    new = (old ^ 0x5) | LVT_MASKED                    # LINT1 changed behind the cache
+    page[0x360:0x364] = new.to_bytes(4, "little")
+    v.handle.set_lapic(page)
+    v.regs.lapic_tdcr = 0xB
+    v.flush()
+    after = v.handle.get_lapic()
+    assert int.from_bytes(after[0x360:0x364], "little") == new
+    assert int.from_bytes(after[0x3E0:0x3E4], "little") == 0xB
