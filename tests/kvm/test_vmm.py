@@ -152,20 +152,27 @@ def _fds() -> int:
 
 
 def test_sigint_leaves_no_threads_or_fds() -> None:
-    threads0, fds0 = threading.active_count(), _fds()
-    m = Machine(smp=2)
-    m.load("spin")
-    m.start()
-    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        while m.wait(0.05) is None:
-            pass
-    m.stop(130)
-    m.close()
-    timer.join()
-    assert threading.active_count() == threads0
-    assert _fds() == fds0
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell's background
+    # job starts with SIGINT ignored, and the loop below would then spin for ever.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threads0, fds0 = threading.active_count(), _fds()
+        m = Machine(smp=2)
+        m.load("spin")
+        m.start()
+        timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        deadline = time.monotonic() + 30
+        with pytest.raises(KeyboardInterrupt):
+            while m.wait(0.05) is None:
+                assert time.monotonic() < deadline, "SIGINT never raised KeyboardInterrupt"
+        m.stop(130)
+        m.close()
+        timer.join()
+        assert threading.active_count() == threads0
+        assert _fds() == fds0
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_cli_sigint_exits_130() -> None:
