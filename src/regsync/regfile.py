@@ -257,6 +257,5 @@ def make_register_file(catalog: Catalog,
     ns["_names"] = names
     ns["_getters"] = {r: accessors[r][0] for r in catalog.registers}
     ns["_plans"] = {}
-    ns["_refusals"] = {r.name: why for r, why in refusals.items()}
     ns["_writers"] = {k: v for k, v in ns.items() if isinstance(v, (_RegisterAttr, _AliasAttr))}
     return type(f"{catalog.arch}Registers", (RegisterFileBase,), ns)

@@ -883,19 +883,27 @@ def test_an_msr_the_batch_read_refuses_reads_none_and_keeps_the_reason(counter, 
     assert "KVM would not read MSR 0x174" in v.transport.refused_msrs[SYSENTER_CS]
 
 
-# --- LAPIC: SVR masks the LVTs only when an edit disables an enabled APIC ------------------
+# --- LAPIC: an edit masks LVTs only where a guest write would (kvm_lapic_reg_write) --------
 def test_an_svr_edit_that_keeps_the_apic_enabled_masks_nothing(counter) -> None:
     m, v = counter
     v.regs.lapic_svr = 0x1FF
     v.regs.lapic_lvt_error = 0x33
     v.flush()
+    after = _edit_changes_only(v, "lapic.svr", 0x1FE)   # a new spurious vector, still enabled
+    assert after["lapic.lvt_error"] == 0x33
+
+
+def _edit_changes_only(v, name: str, value: int) -> dict:
+    """Edit one LAPIC register and flush: it reads back as written and every other
+    LAPIC register is unchanged. Returns the page after, as a dict."""
     before = _lapic(v)
-    v.regs.lapic_svr = 0x1FE                          # a new spurious vector, still enabled
+    v.regs[name] = value
     v.flush()
     after = _lapic(v)
-    assert after.pop("lapic.svr") == 0x1FE
-    before.pop("lapic.svr")
-    assert after == before and after["lapic.lvt_error"] == 0x33
+    assert after[name] == value
+    assert {k: x for k, x in after.items() if k != name} == \
+        {k: x for k, x in before.items() if k != name}
+    return after
 
 
 def _restore_disabled_apic_with_lvt_error_unmasked(v) -> None:
@@ -913,13 +921,8 @@ def test_an_edit_other_than_svr_while_the_apic_is_disabled_masks_nothing(counter
     """A guest's TDCR write touches no LVT, whatever the APIC's state."""
     m, v = counter
     _restore_disabled_apic_with_lvt_error_unmasked(v)
-    before = _lapic(v)
-    v.regs.lapic_tdcr = 0xB
-    v.flush()
-    after = _lapic(v)
-    assert after.pop("lapic.tdcr") == 0xB
-    before.pop("lapic.tdcr")
-    assert after == before and after["lapic.lvt_error"] == 0x33
+    after = _edit_changes_only(v, "lapic.tdcr", 0xB)
+    assert after["lapic.lvt_error"] == 0x33
 
 
 def test_an_svr_edit_that_leaves_the_apic_disabled_masks_every_lvt(counter) -> None:
